@@ -1,0 +1,19 @@
+"""Model of the prefill/decode cluster (MODEL.md §1): scenarios, parameters, calibration."""
+
+from .config import list_scenarios, load_scenario, scenario_from_dict
+from .params import ModelParams, Spec
+from .scenario import (
+    PRICING_SCHEMES,
+    Cluster,
+    IterationTime,
+    JobClasses,
+    Pricing,
+    Rates,
+    Scenario,
+    service_rates,
+)
+
+__all__ = [
+    "PRICING_SCHEMES", "Cluster", "IterationTime", "JobClasses", "ModelParams", "Pricing", "Rates",
+    "Scenario", "Spec", "list_scenarios", "load_scenario", "scenario_from_dict", "service_rates",
+]

@@ -1,0 +1,118 @@
+"""Load scenarios from versioned TOML files (stdlib ``tomllib``) with strict key checking.
+
+A scenario file has the top-level keys ``name``, ``version`` (int >= 1), optional ``description``
+and ``source``, and the tables ``[cluster]`` (n, B, C), ``[timing]`` (either alpha, beta, gamma, or
+the piecewise law c, a, b0 with optional gamma), ``[prices]`` (c_p, c_d, scheme) and ``[classes]``
+(P, D, lam, theta, optional names). Unknown and missing keys raise ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .scenario import Cluster, IterationTime, JobClasses, Pricing, Scenario
+
+_TOP_REQUIRED = {"name", "version", "cluster", "timing", "prices", "classes"}
+_TOP_OPTIONAL = {"description", "source"}
+_TABLES = {
+    "cluster": ({"n", "B", "C"}, set()),
+    "prices": ({"c_p", "c_d", "scheme"}, set()),
+    "classes": ({"P", "D", "lam", "theta"}, {"names"}),
+}
+_TIMING_AFFINE = {"alpha", "beta", "gamma"}
+_TIMING_PIECEWISE = ({"c", "a", "b0"}, {"gamma"})
+
+
+def _check_keys(where: str, table: Any, required: set[str], optional: set[str]) -> None:
+    if not isinstance(table, dict):
+        raise ValueError(f"invalid scenario field '{where}': must be a table, got {table!r}")
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(table) - required - optional)
+    if unknown:
+        raise ValueError(
+            f"unknown scenario field '{prefix}{unknown[0]}': allowed keys here are "
+            + ", ".join(sorted(required | optional))
+        )
+    missing = sorted(required - set(table))
+    if missing:
+        raise ValueError(f"missing scenario field '{prefix}{missing[0]}' (required: {', '.join(sorted(required))})")
+
+
+def scenario_from_dict(data: dict[str, Any]) -> Scenario:
+    """Build and validate a :class:`Scenario` from a parsed TOML dictionary."""
+    _check_keys("", data, _TOP_REQUIRED, _TOP_OPTIONAL)
+    for table, (req, opt) in _TABLES.items():
+        _check_keys(table, data[table], req, opt)
+    timing = data["timing"]
+    if not isinstance(timing, dict):
+        raise ValueError(f"invalid scenario field 'timing': must be a table, got {timing!r}")
+    if "alpha" in timing or "beta" in timing:
+        _check_keys("timing", timing, _TIMING_AFFINE, set())
+        law = IterationTime(alpha=timing["alpha"], beta=timing["beta"], gamma=timing["gamma"])
+    else:
+        _check_keys("timing", timing, *_TIMING_PIECEWISE)
+        law = IterationTime.from_piecewise(timing["c"], timing["a"], timing["b0"], timing.get("gamma"))
+        if data["cluster"]["C"] < timing["b0"]:
+            raise ValueError(
+                f"invalid scenario field 'cluster.C': must be >= timing.b0 = {timing['b0']} for the mixed "
+                f"law tau = alpha + beta*C to hold, got {data['cluster']['C']!r}"
+            )
+    name, version = data["name"], data["version"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"invalid scenario field 'name': must be a non-empty string, got {name!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"invalid scenario field 'version': must be an integer >= 1, got {version!r}")
+    c = data["classes"]
+    return Scenario(
+        classes=JobClasses(P=c["P"], D=c["D"], lam=c["lam"], theta=c["theta"], names=tuple(c.get("names", ()))),
+        cluster=Cluster(**data["cluster"]),
+        timing=law,
+        pricing=Pricing(**data["prices"]),
+        name=name,
+        version=version,
+        description=str(data.get("description", "")),
+    )
+
+
+def config_dirs() -> list[Path]:
+    """Where scenario names are looked up: $JAXQ_CONFIG_PATH (os.pathsep-separated), ./configs, and
+    the repository's configs/ next to the package (editable installs)."""
+    dirs = [Path(p) for p in os.environ.get("JAXQ_CONFIG_PATH", "").split(os.pathsep) if p]
+    dirs += [Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def resolve_scenario_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    stem = path.name if path.suffix != ".toml" else path.stem
+    for d in config_dirs():
+        for candidate in (d / f"{stem}.toml", *sorted(d.glob(f"{stem}-v*.toml"), reverse=True)):
+            if candidate.is_file():
+                return candidate
+    raise ValueError(
+        f"unknown scenario {str(name_or_path)!r}: not a .toml file and not one of "
+        + ", ".join(list_scenarios()) or "(no configs/ directory found)"
+    )
+
+
+def list_scenarios() -> list[str]:
+    names: set[str] = set()
+    for d in config_dirs():
+        names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def load_scenario(name_or_path: str | os.PathLike) -> Scenario:
+    """Load a scenario by path or by name (``"canonical"`` finds ``configs/canonical-v1.toml``)."""
+    path = resolve_scenario_path(name_or_path)
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"scenario file {path} is not valid TOML: {err}") from err
+    return scenario_from_dict(data)
