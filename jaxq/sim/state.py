@@ -1,0 +1,127 @@
+"""Spec, params and state of the exact simulator, and the read-only view policies decide on.
+
+* :class:`SimSpec` is static (Python ints: classes, GPUs, waiting-room capacity, decode buffers,
+  mode convention); changing it recompiles.
+* :class:`SimParams` holds every number as an array (rates, targets, horizon, warm-up), so a sweep over
+  them is a ``vmap`` and reuses the compiled code.
+* :class:`SimState` is the scan/while carry, grouped as diffrax groups its loop state: dynamics,
+  then accumulators, then status.
+
+Waiting jobs are kept individually in fixed-size rooms of entry times (``+inf`` = empty cell) so that
+FCFS *across* classes (one decode buffer shared by all classes; the FCFS gates) is exact; a full room
+drops the job, counts it in ``LOST`` and raises the ``OVERFLOW`` status bit of that replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from ..model.params import ModelParams
+
+# Group of a GPU.
+SOLO, MIXED, ANY = 0, 1, 2
+
+# Rows of the per-class counters.
+ARRIVED, ADMITTED, PREFILL_DONE, DECODE_STARTED, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE, LOST = range(8)
+COUNTER_NAMES = ("arrived", "admitted", "prefill_done", "decode_started", "decode_done",
+                 "abandon_prefill", "abandon_decode", "lost")
+
+# Rows of the per-class time integrals.
+INT_QP, INT_X, INT_QD, INT_YM, INT_YS, INT_Y_MIXGROUP = range(6)
+INTEGRAL_NAMES = ("Q_p", "X", "Q_d", "Y_m", "Y_s", "Y_mixgroup")
+
+# Status bits (failures are data: reported per replica, never raised inside a batch).
+OK, OVERFLOW, DECISIONS_INCOMPLETE, MAX_STEPS, NONFINITE = 0, 1, 2, 4, 8
+STATUS_NAMES = {OVERFLOW: "waiting room full (jobs lost)", DECISIONS_INCOMPLETE: "decision rounds exhausted",
+                MAX_STEPS: "max_steps reached before the horizon", NONFINITE: "non-finite time or rate"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimSpec:
+    """Static shape and semantics constants.
+
+    num_classes, num_gpus: I and n.
+    room: capacity of each per-class waiting room (prefill queue, each decode buffer).
+    num_buffers: decode buffers (1 shared FCFS buffer; 2 for the SLI router's solo/mixed buffers).
+    convention: "B" (paper eqs. 18-19: a decode runs at mu_m while its GPU runs a prefill) or "A"
+        (decodes on mixed-group GPUs always at mu_m, on solo-group GPUs at mu_s).
+    """
+
+    num_classes: int
+    num_gpus: int
+    room: int = 1024
+    num_buffers: int = 1
+    convention: Literal["A", "B"] = "B"
+
+    def __post_init__(self):
+        for name, lo in (("num_classes", 1), ("num_gpus", 1), ("room", 1), ("num_buffers", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"invalid SimSpec field '{name}': must be an integer >= {lo}, got {v!r}")
+        if self.num_buffers > 2:
+            raise ValueError(f"invalid SimSpec field 'num_buffers': must be 1 or 2, got {self.num_buffers!r}")
+        if self.convention not in ("A", "B"):
+            raise ValueError(f"invalid SimSpec field 'convention': must be 'A' or 'B', got {self.convention!r}")
+
+
+class PolicyTargets(eqx.Module):
+    """Static-planning outputs as arrays (see :func:`jaxq.lp.static_plan`)."""
+
+    num_mixed: Int[Array, ""]
+    x_target: Float[Array, " I"]
+    q_p_target: Float[Array, " I"]
+    p_solo: Float[Array, " I"]
+    priority: Float[Array, " I"]
+
+    @classmethod
+    def from_plan(cls, plan) -> "PolicyTargets":
+        f = lambda v: jnp.asarray(v, dtype=jnp.float64)  # noqa: E731
+        return cls(num_mixed=jnp.asarray(plan.num_mixed, dtype=jnp.int32), x_target=f(plan.x_target),
+                   q_p_target=f(plan.q_p_target), p_solo=f(plan.p_solo), priority=f(plan.priority))
+
+
+class SimParams(eqx.Module):
+    model: ModelParams
+    targets: PolicyTargets
+    horizon: Float[Array, ""]
+    warmup: Float[Array, ""]
+    max_steps: Int[Array, ""]
+
+
+class SimState(eqx.Module):
+    # dynamics
+    t: Float[Array, ""]
+    step: Int[Array, ""]
+    prefill_class: Int[Array, " n"]  # class of the running prefill, -1 if none
+    decodes: Int[Array, "n I"]  # decode streams per GPU and class
+    queue: Float[Array, "I K"]  # entry times of waiting prefill jobs, +inf = empty cell
+    buffers: Float[Array, "NB I K"]  # entry times of waiting decodes
+    next_arrival: Float[Array, " I"]  # absolute time of each class's next arrival (own random stream)
+    # accumulators
+    counts: Int[Array, "8 I"]  # after the warm-up (rows: COUNTER_NAMES)
+    integrals: Float[Array, "6 I"]  # time integrals after the warm-up (rows: INTEGRAL_NAMES)
+    totals: Int[Array, "8 I"]  # the same counters over the whole run, for conservation checks
+    # status
+    status: Int[Array, ""]
+
+
+class View(eqx.Module):
+    """What a policy may look at: the state plus derived capacities. Built once per decision."""
+
+    n: int = eqx.field(static=True)
+    B: Float[Array, ""]
+    group: Int[Array, " n"]
+    prefill_class: Int[Array, " n"]
+    decodes: Int[Array, "n I"]
+    free_decode: Int[Array, " n"]  # decode streams each GPU could still take now
+    idle_prefill: Bool[Array, " n"]  # a prefill could start on this GPU now
+    X: Int[Array, " I"]  # prefills running per class
+    q_p: Int[Array, " I"]
+    queue_head: Float[Array, " I"]  # entry time of each class's oldest waiting prefill job (+inf)
+    q_d: Int[Array, "NB I"]
+    buffer_head: Float[Array, "NB I"]
