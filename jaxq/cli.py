@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "lp": ("jaxq.lp.cli", "solve the steady-state LPs of a scenario and print them"),
     "fluid": ("jaxq.fluid.cli", "integrate the fluid model under a policy and plot it"),
+    "simulate": ("jaxq.sim.cli", "simulate the exact CTMC under a policy, with confidence intervals"),
     "calibrate": ("jaxq.model.calibration_cli", "fit alpha, beta, gamma from measurements"),
     "bandit": ("jaxq.bandits.cli", "run an offline-to-online linear bandit experiment"),
     "scenarios": ("jaxq.model.scenarios_cli", "list the bundled scenarios"),

@@ -40,8 +40,11 @@ from .state import (
     INT_Y_MIXGROUP,
     INT_YM,
     INT_YS,
+    CAPACITY_VIOLATED,
     LOST,
     MAX_STEPS,
+    NUM_COUNTERS,
+    WAITED,
     MIXED,
     NONFINITE,
     OVERFLOW,
@@ -73,8 +76,7 @@ def make_view(spec: SimSpec, params: SimParams, state: SimState, policy: Abstrac
     return View(
         n=n, B=params.model.B, group=group, prefill_class=state.prefill_class, decodes=state.decodes,
         free_decode=cap - ndec, idle_prefill=idle, X=jnp.sum(onehot, axis=0, dtype=_I32),
-        q_p=jnp.sum(jnp.isfinite(state.queue), axis=1, dtype=_I32), queue_head=jnp.min(state.queue, axis=1),
-        q_d=jnp.sum(jnp.isfinite(state.buffers), axis=2, dtype=_I32), buffer_head=jnp.min(state.buffers, axis=2),
+        q_p=state.q_p, queue_head=state.queue[:, 0], q_d=state.q_d, buffer_head=state.buffers[:, :, 0],
     )
 
 
@@ -112,25 +114,38 @@ def _count(state: SimState, row, cls, post, do=True) -> SimState:
                        (_bump(state.counts, row, cls, do & post), _bump(state.totals, row, cls, do)))
 
 
-def _insert(room, cls, time, do):
-    """Put an entry in the first empty cell of ``room[cls]``; returns (room, lost)."""
+# Waiting rooms: per class, entry times sorted ascending in a compacted prefix of length count, +inf
+# after it. Entries arrive in time order, so a push appends; a removal shifts the suffix left. The head
+# (oldest) is column 0 and the count is stored, so reading a room is O(1).
+
+def _push(room, count, cls, time, do):
+    """Append to ``room[cls]``; returns (room, count, lost) where lost means the room was full."""
     c = jnp.maximum(cls, 0)
-    free = ~jnp.isfinite(room[c])
-    pos = jnp.argmax(free)
-    ok = do & free[pos]
+    full = count[c] >= room.shape[-1]
+    ok = do & (cls >= 0) & ~full
+    pos = jnp.minimum(count[c], room.shape[-1] - 1)
     room = room.at[c, pos].set(jnp.where(ok, time, room[c, pos]))
-    return room, do & ~ok
+    return room, count.at[c].add(ok.astype(_I32)), do & (cls >= 0) & full
 
 
-def _remove_head(room, cls, do):
+def _remove(room, count, cls, pos, do):
+    """Remove entry ``pos`` of ``room[cls]`` (0 = head), closing the gap."""
     c = jnp.maximum(cls, 0)
-    pos = jnp.argmin(room[c])
-    return room.at[c, pos].set(jnp.where(do, jnp.inf, room[c, pos]))
+    do = do & (cls >= 0)
+    row = room[c]
+    shifted = jnp.concatenate([row[1:], jnp.full((1,), jnp.inf, row.dtype)])
+    row = jnp.where(do & (jnp.arange(row.shape[0]) >= pos), shifted, row)
+    return room.at[c].set(row), count.at[c].add(-do.astype(_I32))
 
 
 def _lose(state: SimState, cls, post, lost) -> SimState:
     state = _count(state, LOST, cls, post, lost)
     return eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(lost, OVERFLOW, 0))
+
+
+def _uniform_index(key, count):
+    """Uniform on {0, ..., count-1} (each waiting job abandons at the same rate)."""
+    return jnp.minimum(jnp.floor(jax.random.uniform(key) * count), count - 1).astype(_I32)
 
 
 class _Sim(eqx.Module):
@@ -150,10 +165,9 @@ class _Sim(eqx.Module):
         gpu = self.policy.prefill_gpu(k_gpu, v, params.targets, cls)
         do = (cls >= 0) & (gpu >= 0) & jnp.any(v.idle_prefill) & (v.q_p[jnp.maximum(cls, 0)] > 0)
         g = jnp.maximum(gpu, 0)
-        state = eqx.tree_at(
-            lambda s: (s.queue, s.prefill_class), state,
-            (_remove_head(state.queue, cls, do), state.prefill_class.at[g].set(jnp.where(do, cls, state.prefill_class[g]))),
-        )
+        queue, q_p = _remove(state.queue, state.q_p, cls, 0, do)
+        state = eqx.tree_at(lambda s: (s.queue, s.q_p, s.prefill_class), state,
+                            (queue, q_p, state.prefill_class.at[g].set(jnp.where(do, cls, state.prefill_class[g]))))
         return _count(state, ADMITTED, cls, post, do)
 
     def start_decode(self, state, gpu, cls, post, do):
@@ -171,8 +185,9 @@ class _Sim(eqx.Module):
         state = self.start_decode(state, gpu, pending_cls, post, placed)
         wait = do & (gpu < 0)
         b = jnp.clip(buf, 0, self.spec.num_buffers - 1)
-        room, lost = _insert(state.buffers[b], pending_cls, state.t, wait)
-        state = eqx.tree_at(lambda s: s.buffers, state, state.buffers.at[b].set(room))
+        room, count, lost = _push(state.buffers[b], state.q_d[b], pending_cls, state.t, wait)
+        state = eqx.tree_at(lambda s: (s.buffers, s.q_d), state,
+                            (state.buffers.at[b].set(room), state.q_d.at[b].set(count)))
         return _lose(state, pending_cls, post, lost), jnp.int32(-1)
 
     def drain(self, key, params, state, post):
@@ -183,8 +198,9 @@ class _Sim(eqx.Module):
             cls = self.policy.buffer_head(v, b)
             gpu, _ = self.policy.route(jax.random.fold_in(key, b), v, params.targets, cls, jnp.int32(b))
             do = (cls >= 0) & (gpu >= 0)
-            state = eqx.tree_at(lambda s: s.buffers, state,
-                                state.buffers.at[b].set(_remove_head(state.buffers[b], cls, do)))
+            room, count = _remove(state.buffers[b], state.q_d[b], cls, 0, do)
+            state = eqx.tree_at(lambda s: (s.buffers, s.q_d), state,
+                                (state.buffers.at[b].set(room), state.q_d.at[b].set(count)))
             state = self.start_decode(state, gpu, cls, post, do)
         return state
 
@@ -210,6 +226,17 @@ class _Sim(eqx.Module):
                 left = left | (nonempty & self.policy.buffer_has_slot(v, params.targets, b))
         return left
 
+    def capacity_ok(self, params, state):
+        """Every GPU within its slots, at most one prefill, prefills only where allowed, nothing negative."""
+        v = self.view(params, state)
+        B = params.model.B.astype(_I32)
+        has_prefill = v.prefill_class >= 0
+        ndec = jnp.sum(v.decodes, axis=1)
+        ok = jnp.all(v.free_decode >= 0) & jnp.all(v.decodes >= 0) & jnp.all(ndec + has_prefill <= B)
+        ok &= ~jnp.any(has_prefill & (v.group == SOLO))
+        ok &= jnp.all(state.q_p >= 0) & jnp.all(state.q_d >= 0)
+        return ok
+
     # -- events ----------------------------------------------------------------------------------
     def other_event(self, key, params, state, view, rates, post):
         """Apply the state-dependent event chosen by its share of the total rate."""
@@ -227,14 +254,17 @@ class _Sim(eqx.Module):
 
         def abandon_prefill(state):
             c = e
-            pos = uniform_choice(k_pick, jnp.isfinite(state.queue[c]))
-            state = eqx.tree_at(lambda s: s.queue, state, state.queue.at[c, pos].set(jnp.inf))
+            pos = _uniform_index(k_pick, state.q_p[c])
+            queue, q_p = _remove(state.queue, state.q_p, c, pos, jnp.bool_(True))
+            state = eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p))
             return _count(state, ABANDON_PREFILL, c, post), none, none
 
         def abandon_decode(state):
             b, c = (e - edges[0]) // num, (e - edges[0]) % num
-            pos = uniform_choice(k_pick, jnp.isfinite(state.buffers[b, c]))
-            state = eqx.tree_at(lambda s: s.buffers, state, state.buffers.at[b, c, pos].set(jnp.inf))
+            pos = _uniform_index(k_pick, state.q_d[b, c])
+            room, count = _remove(state.buffers[b], state.q_d[b], c, pos, jnp.bool_(True))
+            state = eqx.tree_at(lambda s: (s.buffers, s.q_d), state,
+                                (state.buffers.at[b].set(room), state.q_d.at[b].set(count)))
             return _count(state, ABANDON_DECODE, c, post), none, none
 
         def prefill_done(state):
@@ -252,8 +282,8 @@ class _Sim(eqx.Module):
 
     def arrival(self, arrival_key, params, state, cls, post):
         state = _count(state, ARRIVED, cls, post)
-        queue, lost = _insert(state.queue, cls, state.t, jnp.bool_(True))
-        state = _lose(eqx.tree_at(lambda s: s.queue, state, queue), cls, post, lost)
+        queue, q_p, lost = _push(state.queue, state.q_p, cls, state.t, jnp.bool_(True))
+        state = _lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls, post, lost)
         index = state.totals[ARRIVED, cls]
         gap = jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, cls), index))
         rate = self.spec.num_gpus * params.model.lam[cls]
@@ -291,13 +321,19 @@ class _Sim(eqx.Module):
         post = t_new >= params.warmup
 
         def fire(state):
+            waiting_before = state.q_p[cls_arrival]
             state, cls, gpu = jax.lax.cond(
                 is_arrival,
                 lambda s: self.arrival(arrival_key, params, s, cls_arrival, post),
                 lambda s: self.other_event(k_event, params, s, view, rates, post),
                 state,
             )
-            return self.decide(k_decide, params, state, cls, gpu, post)
+            state = self.decide(k_decide, params, state, cls, gpu, post)
+            # an arrival waited iff its class's queue grew (FCFS within class: it is the tail)
+            waited = is_arrival & (state.q_p[cls_arrival] > waiting_before)
+            state = _count(state, WAITED, cls_arrival, post, waited)
+            return eqx.tree_at(lambda s: s.status, state,
+                               state.status | jnp.where(self.capacity_ok(params, state), 0, CAPACITY_VIOLATED))
 
         new = fire(state)
         state = jax.tree_util.tree_map(lambda a, b: jnp.where(stop, a, b), state, new)
@@ -310,11 +346,12 @@ def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int) 
     num, n, K = spec.num_classes, spec.num_gpus, spec.room
     first = jax.vmap(lambda c: jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, c), 0)))(
         jnp.arange(num))
-    zeros = jnp.zeros((8, num), _I32)
+    zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
     return SimState(
         t=jnp.zeros((), jnp.float64), step=jnp.zeros((), _I32),
         prefill_class=jnp.full((n,), -1, _I32), decodes=jnp.zeros((n, num), _I32),
-        queue=jnp.full((num, K), jnp.inf), buffers=jnp.full((num_buffers, num, K), jnp.inf),
+        queue=jnp.full((num, K), jnp.inf), q_p=jnp.zeros((num,), _I32),
+        buffers=jnp.full((num_buffers, num, K), jnp.inf), q_d=jnp.zeros((num_buffers, num), _I32),
         next_arrival=first / (n * params.model.lam), counts=zeros, integrals=jnp.zeros((6, num)),
         totals=zeros, status=jnp.zeros((), _I32),
     )

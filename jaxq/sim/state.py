@@ -7,7 +7,7 @@
 * :class:`SimState` is the scan/while carry, grouped as diffrax groups its loop state: dynamics,
   then accumulators, then status.
 
-Waiting jobs are kept individually in fixed-size rooms of entry times (``+inf`` = empty cell) so that
+Waiting jobs are kept individually in fixed-size rooms of entry times (oldest first) so that
 FCFS *across* classes (one decode buffer shared by all classes; the FCFS gates) is exact; a full room
 drops the job, counts it in ``LOST`` and raises the ``OVERFLOW`` status bit of that replica.
 """
@@ -27,18 +27,20 @@ from ..model.params import ModelParams
 SOLO, MIXED, ANY = 0, 1, 2
 
 # Rows of the per-class counters.
-ARRIVED, ADMITTED, PREFILL_DONE, DECODE_STARTED, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE, LOST = range(8)
+ARRIVED, ADMITTED, PREFILL_DONE, DECODE_STARTED, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE, LOST, WAITED = range(9)
 COUNTER_NAMES = ("arrived", "admitted", "prefill_done", "decode_started", "decode_done",
-                 "abandon_prefill", "abandon_decode", "lost")
+                 "abandon_prefill", "abandon_decode", "lost", "waited")
+NUM_COUNTERS = len(COUNTER_NAMES)
 
 # Rows of the per-class time integrals.
 INT_QP, INT_X, INT_QD, INT_YM, INT_YS, INT_Y_MIXGROUP = range(6)
 INTEGRAL_NAMES = ("Q_p", "X", "Q_d", "Y_m", "Y_s", "Y_mixgroup")
 
 # Status bits (failures are data: reported per replica, never raised inside a batch).
-OK, OVERFLOW, DECISIONS_INCOMPLETE, MAX_STEPS, NONFINITE = 0, 1, 2, 4, 8
+OK, OVERFLOW, DECISIONS_INCOMPLETE, MAX_STEPS, NONFINITE, CAPACITY_VIOLATED = 0, 1, 2, 4, 8, 16
 STATUS_NAMES = {OVERFLOW: "waiting room full (jobs lost)", DECISIONS_INCOMPLETE: "decision rounds exhausted",
-                MAX_STEPS: "max_steps reached before the horizon", NONFINITE: "non-finite time or rate"}
+                MAX_STEPS: "max_steps reached before the horizon", NONFINITE: "non-finite time or rate",
+                CAPACITY_VIOLATED: "a GPU exceeded its slots or a count went negative (engine bug)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +101,15 @@ class SimState(eqx.Module):
     step: Int[Array, ""]
     prefill_class: Int[Array, " n"]  # class of the running prefill, -1 if none
     decodes: Int[Array, "n I"]  # decode streams per GPU and class
-    queue: Float[Array, "I K"]  # entry times of waiting prefill jobs, +inf = empty cell
-    buffers: Float[Array, "NB I K"]  # entry times of waiting decodes
+    queue: Float[Array, "I K"]  # entry times of waiting prefill jobs, oldest first, +inf past the count
+    q_p: Int[Array, " I"]  # waiting prefill jobs per class
+    buffers: Float[Array, "NB I K"]  # entry times of waiting decodes, oldest first
+    q_d: Int[Array, "NB I"]
     next_arrival: Float[Array, " I"]  # absolute time of each class's next arrival (own random stream)
     # accumulators
-    counts: Int[Array, "8 I"]  # after the warm-up (rows: COUNTER_NAMES)
+    counts: Int[Array, "C I"]  # after the warm-up (rows: COUNTER_NAMES)
     integrals: Float[Array, "6 I"]  # time integrals after the warm-up (rows: INTEGRAL_NAMES)
-    totals: Int[Array, "8 I"]  # the same counters over the whole run, for conservation checks
+    totals: Int[Array, "C I"]  # the same counters over the whole run, for conservation checks
     # status
     status: Int[Array, ""]
 
