@@ -207,6 +207,9 @@ class _Sim(eqx.Module):
     def decide(self, key, params, state, pending_cls, pending_gpu, post):
         for r in range(ROUNDS):
             k_admit, k_route, k_drain = jax.random.split(jax.random.fold_in(key, r), 3)
+            # A coupled decode keeps its prefill's slot, so it is placed before anything can take it.
+            if self.policy.coupled:
+                state, pending_cls = self.place_pending(k_route, params, state, pending_cls, pending_gpu, post)
             if self.policy.prefill_first:
                 state = self.admit(k_admit, params, state, post)
             state, pending_cls = self.place_pending(k_route, params, state, pending_cls, pending_gpu, post)
