@@ -96,10 +96,17 @@ class AbstractPolicy(eqx.Module):
 
 def occupancy_gate(view: View, targets: PolicyTargets):
     """MODEL.md §5.1: among classes with waiting jobs, admit argmin xi_i; ties to the largest queue
-    deviation Q_p,i - Q-dagger_i; classes with x_i* = 0 are never admitted."""
+    deviation Q_p,i - Q-dagger_i, then the lowest index; classes with x_i* = 0 are never admitted.
+
+    xi_i = X_i/x_i* - n is ordered by X_i/x_i* alone, and that is what we compare: computing
+    (X_i - n x_i*)/x_i* rounds differently per class (and per compiler: XLA may fuse the product into
+    an FMA), so the exact ties at X_i = 0, frequent at small n, would be broken by rounding noise
+    instead of by the queue deviation."""
     waiting = (view.q_p > 0) & (targets.x_target > 0)
+    x = targets.x_target
+    key = jnp.where(x > 0, view.X / jnp.where(x > 0, x, 1.0), jnp.inf)
     deviation = view.q_p - targets.q_p_target
-    return lexicographic_argmin(waiting, occupancy_deviation(view, targets), -deviation)
+    return lexicographic_argmin(waiting, key, -deviation)
 
 
 def fcfs_gate(view: View):

@@ -99,8 +99,15 @@ class SimState(eqx.Module):
     # dynamics
     t: Float[Array, ""]
     step: Int[Array, ""]
+    group: Int[Array, " n"]  # SOLO / MIXED / ANY (constant over a run: static planning)
     prefill_class: Int[Array, " n"]  # class of the running prefill, -1 if none
     decodes: Int[Array, "n I"]  # decode streams per GPU and class
+    # aggregates kept in step with the per-GPU arrays by the only four functions that change a GPU
+    ndec: Int[Array, " n"]  # decode streams per GPU
+    X: Int[Array, " I"]  # running prefills per class
+    Y_speed: Int[Array, "2 I"]  # decodes running at mu_m (row 0) and at mu_s (row 1)
+    Y_pre: Int[Array, " I"]  # decodes on GPUs running a prefill (the paper's Y_m)
+    Y_mixgroup: Int[Array, " I"]  # decodes on G_mix GPUs
     queue: Float[Array, "I K"]  # entry times of waiting prefill jobs, oldest first, +inf past the count
     q_p: Int[Array, " I"]  # waiting prefill jobs per class
     buffers: Float[Array, "NB I K"]  # entry times of waiting decodes, oldest first

@@ -468,7 +468,9 @@ def gate_xi(sim: _Sim) -> int | None:
     for i in range(sim.I):
         if not sim.qp[i] or x_star[i] <= 0.0:
             continue
-        xi = (sim.X[i] - n * x_star[i]) / x_star[i]
+        # xi_i = X_i/x_i* - n: order by X_i/x_i*, which keeps the exact ties at X_i = 0 exact
+        # (computing (X_i - n x_i*)/x_i* would break them by per-class rounding noise)
+        xi = sim.X[i] / x_star[i]
         key = (xi, -(len(sim.qp[i]) - n * q_star[i]))
         if best_key is None or key < best_key:  # strict: equal keys keep the lower index
             best, best_key = i, key

@@ -37,7 +37,7 @@ PAIRS = {
 }
 
 
-def compare(instance, policy, horizon=400.0, warmup=100.0, ref_seeds=16, replicas=32):
+def compare(instance, policy, horizon=400.0, warmup=100.0, ref_seeds=32, replicas=48):
     scenario, n = INSTANCES[instance]
     ours = run(scenario, policy, n=n, replicas=replicas, horizon=horizon, warmup=warmup, seed=11)
     assert not ours.status
@@ -67,7 +67,7 @@ def compare(instance, policy, horizon=400.0, warmup=100.0, ref_seeds=16, replica
 
 @pytest.mark.parametrize("policy", ["gg-sp", "sli", "fi-wsp"])
 def test_engine_matches_reference_fast(policy):
-    compare("canonical-n20", policy, horizon=300.0, warmup=60.0, ref_seeds=12, replicas=24)
+    compare("canonical-n20", policy, horizon=300.0, warmup=60.0, ref_seeds=24, replicas=32)
 
 
 @pytest.mark.slow
