@@ -3,6 +3,8 @@ LP fixed point drawn as dashed lines."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..model.config import load_scenario
@@ -119,5 +121,6 @@ def plot_trajectories(sol, lp, policy, scenario, kind, revenue, scheme, path) ->
     ax.set_xlabel("t (s)")
     ax.legend(fontsize=8)
     fig.suptitle(f"fluid model: {scenario.name}, policy {kind}, LP fixed point dashed")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

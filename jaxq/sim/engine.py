@@ -26,11 +26,12 @@ trusted.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..policies.base import AbstractPolicy
 from .state import (
     ABANDON_DECODE,
     ABANDON_PREFILL,
@@ -55,6 +56,9 @@ from .state import (
     SimState,
     View,
 )
+
+if TYPE_CHECKING:  # policies import the state types from this package: avoid the cycle at run time
+    from ..policies.base import AbstractPolicy
 
 _I32 = jnp.int32
 SLOW, FAST = 0, 1  # rows of Y_speed: decodes at mu_m, at mu_s
