@@ -51,7 +51,7 @@ def make_params(scenario: Scenario, policy: AbstractPolicy | str, n: int, horizo
 
 def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | None = None, replicas: int = 16,
         horizon: float = 1000.0, warmup: float | None = None, seed: int = 0, room: int | None = None,
-        convention: str = "B", record_times=None) -> SimulationResult:
+        convention: str = "B", dtype: str = "float64", record_times=None) -> SimulationResult:
     """Simulate ``replicas`` independent copies from an empty cluster and summarise them.
 
     ``warmup`` defaults to 20% of the horizon. ``room`` (waiting-room cells per class) defaults to
@@ -70,7 +70,7 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
         room = int(min(2**14, 1.25 * np.max(n * scenario.classes.lam / theta) + 64))
     params, lp, plan = make_params(scenario, pol, n, horizon, warmup)
     spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
-                   convention=convention)
+                   convention=convention, dtype=dtype)
     keys = jax.random.split(jax.random.key(seed), replicas)
     state, traj = simulate(keys, params, spec, pol, record_times)
     metrics = replica_metrics(state, scenario, n, horizon, warmup)

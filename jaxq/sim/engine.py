@@ -269,14 +269,15 @@ class _Sim(eqx.Module):
         arrival_key, service_key = keys
         key = jax.random.fold_in(service_key, state.step)
         k_decide, k_rand = jax.random.split(key)
-        u = jax.random.uniform(k_rand, (4,), dtype=jnp.float64)
-        m = params.model
+        dtype = jnp.dtype(spec.dtype)
+        u = jax.random.uniform(k_rand, (4,), dtype=dtype)
+        m = jax.tree_util.tree_map(lambda a: a.astype(dtype), params.model)
 
         # rates by kind and class: [abandon prefill | abandon buffers | prefill done | decode at mu_m | at mu_s]
         rates = jnp.concatenate([m.theta * state.q_p, (m.theta[None, :] * state.q_d).ravel(), m.mu_p * state.X,
                                  m.mu_m * state.Y_speed[SLOW], m.mu_s * state.Y_speed[FAST]])
         total = jnp.sum(rates)
-        dt = -jnp.log1p(-u[0]) / total
+        dt = (-jnp.log1p(-u[0]) / total).astype(jnp.float64)  # time itself stays float64
         cls_arrival = jnp.argmin(state.next_arrival).astype(_I32)
         t_arrival = state.next_arrival[cls_arrival]
         is_arrival = t_arrival <= state.t + dt
@@ -294,8 +295,8 @@ class _Sim(eqx.Module):
         queue, q_p, lost = _push(state.queue, state.q_p, cls_arrival, state.t, arrive)
         state = self._lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls_arrival, post, lost)
         index = state.totals[ARRIVED, cls_arrival]
-        gap = jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, cls_arrival), index))
-        nxt = state.t + gap / (spec.num_gpus * m.lam[cls_arrival])
+        gap = jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, cls_arrival), index), dtype=dtype)
+        nxt = state.t + (gap / (spec.num_gpus * m.lam[cls_arrival])).astype(jnp.float64)
         state = eqx.tree_at(lambda s: s.next_arrival, state,
                             state.next_arrival.at[cls_arrival].set(jnp.where(arrive, nxt, t_arrival)))
 
@@ -375,7 +376,7 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     Returns the final state, and if ``record_times`` (a static tuple of increasing times) is given,
     the (Q_p, X, Q_d, Y_m, Y_s) levels per class at those times, shape (len(record_times), 5, I)."""
     if policy.num_buffers != spec.num_buffers:
-        spec = SimSpec(spec.num_classes, spec.num_gpus, spec.room, policy.num_buffers, spec.convention)
+        spec = SimSpec(spec.num_classes, spec.num_gpus, spec.room, policy.num_buffers, spec.convention, spec.dtype)
     sim = _Sim(spec, policy)
     arrival_key, service_key = jax.random.split(key)
     state = init_state(spec, params, arrival_key, spec.num_buffers, policy.partitioned)

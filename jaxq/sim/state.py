@@ -52,6 +52,8 @@ class SimSpec:
     num_buffers: decode buffers (1 shared FCFS buffer; 2 for the SLI router's solo/mixed buffers).
     convention: "B" (paper eqs. 18-19: a decode runs at mu_m while its GPU runs a prefill) or "A"
         (decodes on mixed-group GPUs always at mu_m, on solo-group GPUs at mu_s).
+    dtype: "float64" or "float32" for rates and random draws (faster on accelerators). Simulated
+        time and the time integrals stay float64 whatever this says.
     """
 
     num_classes: int
@@ -59,6 +61,7 @@ class SimSpec:
     room: int = 1024
     num_buffers: int = 1
     convention: Literal["A", "B"] = "B"
+    dtype: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self):
         for name, lo in (("num_classes", 1), ("num_gpus", 1), ("room", 1), ("num_buffers", 1)):
@@ -67,6 +70,8 @@ class SimSpec:
                 raise ValueError(f"invalid SimSpec field '{name}': must be an integer >= {lo}, got {v!r}")
         if self.num_buffers > 2:
             raise ValueError(f"invalid SimSpec field 'num_buffers': must be 1 or 2, got {self.num_buffers!r}")
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"invalid SimSpec field 'dtype': must be 'float64' or 'float32', got {self.dtype!r}")
         if self.convention not in ("A", "B"):
             raise ValueError(f"invalid SimSpec field 'convention': must be 'A' or 'B', got {self.convention!r}")
 

@@ -222,3 +222,16 @@ def test_groups_follow_static_plan():
     pre = np.asarray(state.prefill_class)
     assert not np.any(pre[:, M:] >= 0)  # prefills only ever on G_mix
     assert MIXED != SOLO
+
+
+def test_float32_agrees_with_float64_within_statistical_error():
+    """Rates and draws in float32 (time and integrals stay float64): the same means within 4 combined
+    SE on every per-class metric that matters for revenue."""
+    kw = dict(n=10, replicas=24, horizon=400.0, warmup=100.0)
+    a = run(CANONICAL, "gg-sp", seed=0, **kw)
+    b = run(CANONICAL, "gg-sp", seed=1, dtype="float32", **kw)
+    assert not a.status and not b.status
+    assert b.state.t.dtype == jnp.float64
+    for key in ("revenue_bundled", "throughput", "x", "q_p", "q_d", "y_m", "y_s"):
+        ea, eb = estimate(a.metrics[key]), estimate(b.metrics[key])
+        assert np.all(np.abs(ea.mean - eb.mean) <= 4 * np.hypot(ea.se, eb.se)), (key, ea, eb)
