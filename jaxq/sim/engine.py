@@ -344,9 +344,9 @@ class _Sim(eqx.Module):
         return eqx.tree_at(lambda s: (s.integrals, s.t), state, (state.integrals + w * levels, t_new))
 
     def levels(self, state):
-        """(Q_p, X, Q_d, Y_m, Y_s) per class now."""
+        """(Q_p, X, Q_d, Y_m, Y_s, Y on G_mix) per class now (rows as INTEGRAL_NAMES)."""
         return jnp.stack([state.q_p, state.X, jnp.sum(state.q_d, axis=0), state.Y_pre,
-                          jnp.sum(state.Y_speed, axis=0) - state.Y_pre])
+                          jnp.sum(state.Y_speed, axis=0) - state.Y_pre, state.Y_mixgroup])
 
 
 def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int, partitioned: bool = True) -> SimState:
@@ -374,7 +374,8 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     """Simulate one replica from an empty system to ``params.horizon``. Consumes ``key``.
 
     Returns the final state, and if ``record_times`` (a static tuple of increasing times) is given,
-    the (Q_p, X, Q_d, Y_m, Y_s) levels per class at those times, shape (len(record_times), 5, I)."""
+    the (Q_p, X, Q_d, Y_m, Y_s, Y on G_mix) levels per class at those times, shape
+    (len(record_times), 6, I)."""
     if policy.num_buffers != spec.num_buffers:
         spec = SimSpec(spec.num_classes, spec.num_gpus, spec.room, policy.num_buffers, spec.convention, spec.dtype)
     sim = _Sim(spec, policy)

@@ -209,7 +209,7 @@ def test_recorded_trajectory_shapes_and_levels():
     policy, params, spec = small_setup()
     times = tuple(np.linspace(10, 100, 10))
     state, traj = simulate(jax.random.split(jax.random.key(0), 2), params, spec, policy, times)
-    assert traj.shape == (2, 10, 5, 2)
+    assert traj.shape == (2, 10, 6, 2)
     assert np.all(np.asarray(traj) >= 0)
     m = replica_metrics(state, CANONICAL.replace(**{"cluster.n": 6}), 6, 100.0, 10.0)
     assert np.all(np.isfinite(m["revenue_bundled"]))

@@ -1,0 +1,1 @@
+"""Experiments: finite-n studies, sweeps and the reproduction of the paper's numerical study."""
