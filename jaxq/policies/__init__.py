@@ -1,9 +1,20 @@
 """Policies as pure functions behind one interface (see :mod:`jaxq.policies.base`)."""
 
 from .base import AbstractPolicy, fcfs_class, lexicographic_argmin, occupancy_deviation, uniform_choice
-from .rules import FGSP, FIWSP, GFWSP, GIWSP, POLICIES, GateAndRoute, PrioritizeAndRoute, SLIGateAndRoute, get_policy
+from .rules import (
+    FGSP,
+    FIWSP,
+    GFWSP,
+    GIWSP,
+    POLICIES,
+    GateAndRoute,
+    GateAndRouteHoldBack,
+    PrioritizeAndRoute,
+    SLIGateAndRoute,
+    get_policy,
+)
 
 __all__ = [
-    "AbstractPolicy", "FGSP", "FIWSP", "GFWSP", "GIWSP", "GateAndRoute", "POLICIES", "PrioritizeAndRoute",
+    "AbstractPolicy", "FGSP", "FIWSP", "GFWSP", "GIWSP", "GateAndRoute", "GateAndRouteHoldBack", "POLICIES", "PrioritizeAndRoute",
     "SLIGateAndRoute", "fcfs_class", "get_policy", "lexicographic_argmin", "occupancy_deviation", "uniform_choice",
 ]

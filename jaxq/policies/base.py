@@ -23,6 +23,7 @@ own key.
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -70,6 +71,8 @@ class AbstractPolicy(eqx.Module):
     prefill_first: eqx.AbstractClassVar[bool]
     num_buffers: eqx.AbstractClassVar[int]
     name: eqx.AbstractClassVar[str]
+    # True for a rule that may keep prefill slots idle and later release several at one event
+    admits_in_bursts: ClassVar[bool] = False
 
     @abc.abstractmethod
     def gate(self, key, view: View, targets: PolicyTargets):
@@ -94,7 +97,7 @@ class AbstractPolicy(eqx.Module):
 
 # -- reusable rules ------------------------------------------------------------------------------
 
-def occupancy_gate(view: View, targets: PolicyTargets):
+def occupancy_gate(view: View, targets: PolicyTargets, allowed=True):
     """MODEL.md §5.1: among classes with waiting jobs, admit argmin xi_i; ties to the largest queue
     deviation Q_p,i - Q-dagger_i, then the lowest index; classes with x_i* = 0 are never admitted.
 
@@ -102,7 +105,7 @@ def occupancy_gate(view: View, targets: PolicyTargets):
     (X_i - n x_i*)/x_i* rounds differently per class (and per compiler: XLA may fuse the product into
     an FMA), so the exact ties at X_i = 0, frequent at small n, would be broken by rounding noise
     instead of by the queue deviation."""
-    waiting = (view.q_p > 0) & (targets.x_target > 0)
+    waiting = (view.q_p > 0) & (targets.x_target > 0) & allowed
     x = targets.x_target
     key = jnp.where(x > 0, view.X / jnp.where(x > 0, x, 1.0), jnp.inf)
     deviation = view.q_p - targets.q_p_target

@@ -9,6 +9,7 @@
 | GI-WSP       | occupancy gate             | coupled                                    | no        |
 | GF-WSP       | occupancy gate             | decoupled, uniform over free slots, prefill-first | no  |
 | FG-SP        | FCFS across classes        | greedy                                     | yes       |
+| GG-SP-HB     | occupancy gate, held while the decode buffer is non-empty (option) | greedy | yes |
 
 Without a partition every GPU is "any": at most B jobs, at most one of them a prefill.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +48,32 @@ class GateAndRoute(AbstractPolicy):
 
     def gate(self, key, view, targets):
         return occupancy_gate(view, targets)
+
+    def route(self, key, view, targets, cls, origin):
+        return greedy_route(key, view)
+
+
+class GateAndRouteHoldBack(AbstractPolicy):
+    """GG-SP with a decode-aware hold-back (an option, not the paper's rule): while the decode buffer
+    holds more than ``threshold`` jobs (default 0), the gate admits no class that the LP rations
+    (q_p,i* > 0; the fully served classes still pass). At finite n, M = ceil(n sum x*) hands the spare prefill capacity
+    to the class that always waits; its extra prefills overload the critically loaded decode stage and
+    then abandon from the decode buffer after consuming a prefill. Holding them back keeps that overflow
+    in the prefill queue, where abandoning costs nothing, and lets the idle G_mix GPUs decode at mu_s
+    (docs/finite-n.md)."""
+
+    partitioned: ClassVar[bool] = True
+    coupled: ClassVar[bool] = False
+    prefill_first: ClassVar[bool] = False
+    num_buffers: ClassVar[int] = 1
+    name: ClassVar[str] = "gg-sp-hb"
+    admits_in_bursts: ClassVar[bool] = True
+    threshold: int = eqx.field(static=True, default=0)
+
+    def gate(self, key, view, targets):
+        congested = jnp.sum(view.q_d) > self.threshold
+        rationed = targets.q_p_target > 0  # classes the LP does not serve in full
+        return occupancy_gate(view, targets, allowed=~congested | ~rationed)
 
     def route(self, key, view, targets, cls, origin):
         return greedy_route(key, view)
@@ -166,7 +194,8 @@ class FGSP(AbstractPolicy):
         return greedy_route(key, view)
 
 
-POLICIES = {p.name: p for p in (GateAndRoute, PrioritizeAndRoute, SLIGateAndRoute, FIWSP, GIWSP, GFWSP, FGSP)}
+POLICIES = {p.name: p for p in (GateAndRoute, PrioritizeAndRoute, SLIGateAndRoute, FIWSP, GIWSP, GFWSP, FGSP,
+                                 GateAndRouteHoldBack)}
 
 
 def get_policy(name: str) -> AbstractPolicy:

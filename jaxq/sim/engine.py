@@ -183,6 +183,26 @@ class _Sim(eqx.Module):
 
     # -- decisions -------------------------------------------------------------------------------
     def admit(self, key, params, state, post, live):
+        """Admit while an idle prefill slot and a gated class remain. One admission per event is all the
+        paper's rules ever need; a rule that holds slots idle (the hold-back option) can release several
+        at once, so this loops (bounded by n)."""
+
+        def can(carry):
+            state, k = carry
+            v = self.view(params, state)
+            return live & (k < self.spec.num_gpus) & jnp.any(v.idle_prefill) & (
+                self.policy.gate(jax.random.fold_in(key, k), v, params.targets) >= 0)
+
+        def body(carry):
+            state, k = carry
+            return self.admit_one(jax.random.fold_in(key, k), params, state, post, live), k + 1
+
+        state = self.admit_one(jax.random.fold_in(key, 0), params, state, post, live)
+        if self.policy.admits_in_bursts:
+            state, _ = jax.lax.while_loop(can, body, (state, jnp.int32(1)))
+        return state
+
+    def admit_one(self, key, params, state, post, live):
         k_gate, k_gpu = jax.random.split(key)
         v = self.view(params, state)
         cls = self.policy.gate(k_gate, v, params.targets)
