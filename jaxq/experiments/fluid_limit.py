@@ -61,7 +61,8 @@ def point(study, scenario, policy, n, replicas, horizon, warmup, seed, out: Path
     return res, wall
 
 
-def trajectory_study(scenario, n, replicas, horizon, seed, out: Path | None, every: float = 10.0):
+def trajectory_study(scenario, n, replicas, horizon, seed, out: Path | None, every: float = 10.0,
+                     warmup: float = 100.0):
     """GG-SP from an empty cluster: the replica-mean of (Q_p, X, Q_d, Y_m, Y_s)/n at recording times
     against the fluid trajectory of issue 2 (gate-and-route, m = sum x*). The error of each variable is
     reported relative to its largest fluid value over the run (a relative error of a quantity that is 0
@@ -70,8 +71,14 @@ def trajectory_study(scenario, n, replicas, horizon, seed, out: Path | None, eve
 
     times = tuple(np.arange(every, horizon + 1e-9, every))
     t0 = time.perf_counter()
-    res = run(scenario, "gg-sp", n=n, replicas=replicas, horizon=horizon, warmup=0.0, seed=seed, record_times=times)
+    res = run(scenario, "gg-sp", n=n, replicas=replicas, horizon=horizon, warmup=warmup, seed=seed,
+              record_times=times)
     wall = time.perf_counter() - t0
+    if out is not None:  # the same run's window statistics, for the convergence table
+        _append(out.parent / f"convergence-{scenario.name}.csv", _rows("convergence", res, wall, float(np.sum(np.asarray(res.state.step)))))
+    est = res.summary["revenue_bundled"]
+    print(f"gg-sp n={n}: revenue_bundled over [{warmup:g}, {horizon:g}] {est.mean:.3f} ± {est.hi - est.mean:.3f}, "
+          f"x/n = {np.round(res.summary['x'].mean, 5)}, q_d/n = {np.round(res.summary['q_d'].mean, 4)}")
     raw = np.asarray(res.trajectory, dtype=float) / n  # (R, T, 6, I): Q_p, X, Q_d, Y_m, Y_s, Y on G_mix
     y_total = raw[:, :, 3] + raw[:, :, 4]
     traj = np.stack([raw[:, :, 0], raw[:, :, 1], raw[:, :, 2], raw[:, :, 5], y_total - raw[:, :, 5]], axis=2)
@@ -118,7 +125,7 @@ def main(argv=None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         out = Path(args.out) / f"{args.study}-{scenario.name}.csv"
     if args.study == "trajectory":
-        trajectory_study(scenario, args.n, args.replicas, args.horizon, args.seed, out)
+        trajectory_study(scenario, args.n, args.replicas, args.horizon, args.seed, out, warmup=args.warmup)
     elif args.study == "convergence":
         policies = args.policies or ["gg-sp", "priority"]
         for policy in policies:
