@@ -84,16 +84,25 @@ def trajectory_study(scenario, n, replicas, horizon, seed, out: Path | None, eve
     traj = np.stack([raw[:, :, 0], raw[:, :, 1], raw[:, :, 2], raw[:, :, 5], y_total - raw[:, :, 5]], axis=2)
     mean = traj.mean(0)
     se = traj.std(0, ddof=1) / np.sqrt(traj.shape[0])
-    fluid, *_ = integrate_scenario(scenario, "gate", "empty", horizon=horizon, num_points=len(times) + 1)
-    ys = fluid.ys
-    f = np.stack([np.asarray(ys.q_p), np.asarray(ys.x), np.asarray(ys.q_d + ys.q_d_mix),
-                  np.asarray(ys.y_mix), np.asarray(ys.y_solo)], axis=1)[1:]  # (T, 5, I) at the same times
     names = ["q_p", "x", "q_d", "y_mixgroup", "y_sologroup"]  # decodes by group, as the fluid tracks them
-    scale = np.maximum(np.abs(f).max(axis=(0, 2), keepdims=True), 1e-12)  # per variable, over classes and time
-    rel = np.abs(mean - f) / scale
-    worst = {names[k]: float(rel[:, k, :].max()) for k in range(5)}
-    print(f"gg-sp n={n}, {replicas} replicas, horizon {horizon:g} s [{wall:.0f} s wall]; "
-          f"max |sim mean - fluid| / max|fluid| per variable: " + ", ".join(f"{k} {v:.4f}" for k, v in worst.items()))
+    B = float(scenario.cluster.B)
+    worst = {}
+    for label, plan_n in (("m = sum x*", None), ("m = M/n", n)):
+        fluid, *_ = integrate_scenario(scenario, "gate", "empty", horizon=horizon, num_points=len(times) + 1,
+                                       n=plan_n)
+        ys = fluid.ys
+        fl = np.stack([np.asarray(ys.q_p), np.asarray(ys.x), np.asarray(ys.q_d + ys.q_d_mix),
+                       np.asarray(ys.y_mix), np.asarray(ys.y_solo)], axis=1)[1:]  # (T, 5, I) at the same times
+        scale = np.maximum(np.abs(fl).max(axis=(0, 2), keepdims=True), 1e-12)  # per variable, over classes and time
+        rel = np.abs(mean - fl) / scale
+        per_slot = np.abs(mean - fl) / B
+        worst[label] = {names[k]: (float(rel[:, k, :].max()), float(per_slot[:, k, :].max())) for k in range(5)}
+        print(f"gg-sp n={n}, {replicas} replicas, fluid with {label}: max |sim mean - fluid| per variable, "
+              "relative to its largest fluid value / to B slots: "
+              + ", ".join(f"{k} {a:.4f} / {b:.4f}" for k, (a, b) in worst[label].items()))
+        if plan_n is None:
+            f = fl
+            rel_sum = rel
     if out is not None:
         path = out.parent / f"trajectory-{scenario.name}-n{n}.csv"
         with path.open("w", newline="") as fh:
@@ -102,7 +111,7 @@ def trajectory_study(scenario, n, replicas, horizon, seed, out: Path | None, eve
             for ti, t in enumerate(times):
                 for k in range(5):
                     for i in range(mean.shape[-1]):
-                        w.writerow([t, names[k], i, mean[ti, k, i], se[ti, k, i], f[ti, k, i], rel[ti, k, i]])
+                        w.writerow([t, names[k], i, mean[ti, k, i], se[ti, k, i], f[ti, k, i], rel_sum[ti, k, i]])
     return worst
 
 
