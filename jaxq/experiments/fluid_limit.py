@@ -115,9 +115,51 @@ def trajectory_study(scenario, n, replicas, horizon, seed, out: Path | None, eve
     return worst
 
 
+def plot_convergence(csv_paths, out_png, lp_values=None):
+    """Revenue per GPU against n (log axis), one line per policy with 95% CI bars, the LP optimum as
+    a dashed line per pricing scheme. Reads the CSVs written by the convergence study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in csv_paths:
+        with open(path, newline="") as fh:
+            rows += [r for r in csv.DictReader(fh) if r["study"] == "convergence"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lps = {}
+    for policy in sorted({r["policy"] for r in rows}):
+        metric = "revenue_separate" if policy == "priority" else "revenue_bundled"
+        pts = sorted((int(r["n"]), float(r["mean"]), float(r["lo"]), float(r["hi"]), float(r["lp_value"]))
+                     for r in rows if r["policy"] == policy and r["metric"] == metric)
+        if not pts:
+            continue
+        n, m, lo, hi, lp = (np.array(v) for v in zip(*pts))
+        ax.errorbar(n, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=f"{policy} ({metric.split('_')[1]})")
+        lps[metric] = lp[0]
+    for metric, value in (lp_values or lps).items():
+        ax.axhline(value, ls="--", lw=1, color="k" if metric == "revenue_bundled" else "grey")
+        ax.text(ax.get_xlim()[0] if ax.get_xlim()[0] > 0 else 20, value, f" LP {metric.split('_')[1]} {value:.2f}",
+                va="bottom", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("n (GPUs)")
+    ax.set_ylabel("revenue per GPU per s")
+    ax.set_title("finite-n revenue against the LP optimum (95% CI over replicas)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["convergence", "ordering", "trajectory"])
+    ap.add_argument("study", choices=["convergence", "ordering", "trajectory", "plot"])
+    ap.add_argument("--csv", nargs="*", default=[], help="plot: convergence CSVs to draw")
+    ap.add_argument("--png", default="finite-n-convergence.png", help="plot: output PNG")
     ap.add_argument("--scenario", default="canonical")
     ap.add_argument("--ns", type=int, nargs="*", default=[20, 50, 100, 200, 500])
     ap.add_argument("--n", type=int, default=500)
@@ -133,6 +175,9 @@ def main(argv=None):
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         out = Path(args.out) / f"{args.study}-{scenario.name}.csv"
+    if args.study == "plot":
+        print(f"wrote {plot_convergence(args.csv, args.png)}")
+        return
     if args.study == "trajectory":
         trajectory_study(scenario, args.n, args.replicas, args.horizon, args.seed, out, warmup=args.warmup)
     elif args.study == "convergence":
