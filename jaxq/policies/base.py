@@ -58,13 +58,6 @@ def fcfs_class(heads):
     return jnp.where(jnp.isfinite(heads[idx]), idx, -1)
 
 
-def occupancy_deviation(view: View, targets: PolicyTargets):
-    """xi_i = (X_i - n x_i*) / x_i*, +inf where x_i* = 0 (such a class is never admitted)."""
-    x = targets.x_target
-    safe = jnp.where(x > 0, x, 1.0)
-    return jnp.where(x > 0, (view.X - view.n * x) / safe, jnp.inf)
-
-
 class AbstractPolicy(eqx.Module):
     partitioned: eqx.AbstractClassVar[bool]
     coupled: eqx.AbstractClassVar[bool]

@@ -1,6 +1,5 @@
 """Calibration of the iteration-time law: OLS fits, the measurement CSV, Vidur profiles, the CLI."""
 
-import csv
 import math
 import tomllib
 from pathlib import Path
