@@ -223,6 +223,23 @@ def _parse_positive(path, row, line, column, text: str, what: str) -> float:
     return v
 
 
+def _data_rows(reader, path, header):
+    """Yield (row number, line number, {column: stripped cell}) for the non-blank rows of a CSV,
+    raising a ValueError that names the row when its field count differs from the header's."""
+    row = 0
+    for fields in reader:
+        if not any(f.strip() for f in fields):
+            continue
+        row += 1
+        line = reader.line_num
+        if len(fields) != len(header):
+            raise ValueError(
+                f"{path}: row {row} (line {line}): has {len(fields)} fields, the header has {len(header)} "
+                f"({', '.join(header)})"
+            )
+        yield row, line, {name: value.strip() for name, value in zip(header, fields)}
+
+
 def load_measurements_csv(path: str | os.PathLike) -> Measurements:
     """Read a measurement CSV (format in the module docstring). Checks every cell; the whole-file
     requirements (two chunk sizes, a solo row) are checked by :func:`calibrate_from_csv`."""
@@ -260,18 +277,7 @@ def load_measurements_csv(path: str | os.PathLike) -> Measurements:
                 )
 
         chunks, iters, speeds = [], [], []
-        row = 0
-        for fields in reader:
-            if not any(f.strip() for f in fields):
-                continue
-            row += 1
-            line = reader.line_num
-            if len(fields) != len(header):
-                raise ValueError(
-                    f"{path}: row {row} (line {line}): has {len(fields)} fields, the header has {len(header)} "
-                    f"({', '.join(header)})"
-                )
-            cells = {name: value.strip() for name, value in zip(header, fields)}
+        for row, line, cells in _data_rows(reader, path, header):
             mode = cells["mode"].lower()
             if mode not in MODES:
                 raise _cell_error(path, row, line, "mode", "one of " + ", ".join(MODES), cells["mode"])
@@ -469,17 +475,7 @@ def read_vidur_mlp_csv(path: str | os.PathLike) -> VidurProfile:
         tokens, tps = [], []
         times = {c: [] for c in time_cols}
         other = {c: set() for c in other_cols}
-        row = 0
-        for fields in reader:
-            if not any(f.strip() for f in fields):
-                continue
-            row += 1
-            line = reader.line_num
-            if len(fields) != len(header):
-                raise ValueError(
-                    f"{path}: row {row} (line {line}): has {len(fields)} fields, the header has {len(header)}"
-                )
-            cells = dict(zip(header, (f.strip() for f in fields)))
+        for row, line, cells in _data_rows(reader, path, header):
             for key, out in (("num_tokens", tokens), ("num_tensor_parallel_workers", tps)):
                 try:
                     v = int(cells[key])

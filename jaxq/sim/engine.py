@@ -64,7 +64,7 @@ _I32 = jnp.int32
 SLOW, FAST = 0, 1  # rows of Y_speed: decodes at mu_m, at mu_s
 
 
-def make_view(spec: SimSpec, params: SimParams, state: SimState, policy: AbstractPolicy | None = None) -> View:
+def make_view(spec: SimSpec, params: SimParams, state: SimState) -> View:
     """What policies see; O(n) elementwise from the maintained aggregates."""
     B = params.model.B.astype(_I32)
     group = state.group
@@ -137,7 +137,7 @@ class _Sim(eqx.Module):
     policy: AbstractPolicy = eqx.field(static=True)
 
     def view(self, params, state):
-        return make_view(self.spec, params, state, self.policy)
+        return make_view(self.spec, params, state)
 
     # -- the only functions that change a GPU -----------------------------------------------------
     def _retime(self, state, g, new_prefill_class, do):
@@ -359,8 +359,7 @@ class _Sim(eqx.Module):
         lo = jnp.maximum(state.t, params.warmup)
         hi = jnp.minimum(t_new, params.horizon)
         w = jnp.maximum(hi - lo, 0.0)
-        levels = jnp.stack([state.q_p, state.X, jnp.sum(state.q_d, axis=0), state.Y_pre,
-                            jnp.sum(state.Y_speed, axis=0) - state.Y_pre, state.Y_mixgroup]).astype(state.integrals.dtype)
+        levels = self.levels(state).astype(state.integrals.dtype)
         return eqx.tree_at(lambda s: (s.integrals, s.t), state, (state.integrals + w * levels, t_new))
 
     def levels(self, state):
