@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("jaxq.model.calibration_cli", "fit alpha, beta, gamma from measurements"),
     "bandit": ("jaxq.bandits.cli", "run an offline-to-online linear bandit experiment"),
     "scenarios": ("jaxq.model.scenarios_cli", "list the bundled scenarios"),
+    "bench": ("jaxq.bench", "measure simulation speed (engines, peers, scaling) and write a JSON record"),
+    "sweep": ("jaxq.sweep.cli", "run a grid of scenarios x settings in batches, resumable, to CSV + manifest"),
 }
 
 

@@ -66,6 +66,10 @@ class AbstractPolicy(eqx.Module):
     name: eqx.AbstractClassVar[str]
     # True for a rule that may keep prefill slots idle and later release several at one event
     admits_in_bursts: ClassVar[bool] = False
+    # How the time-stepped engine places a step's decodes in bulk (it cannot call ``route`` once per
+    # job and stay fast): "greedy" (G_solo first, then G_mix), "any" (every GPU alike), "split" (buffer
+    # 0 to G_solo, buffer 1 to G_mix), "coupled" (the prefill's own slot). None: exact engine only.
+    batch_router: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def gate(self, key, view: View, targets: PolicyTargets):

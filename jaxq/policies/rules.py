@@ -45,6 +45,7 @@ class GateAndRoute(AbstractPolicy):
     prefill_first: ClassVar[bool] = False
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "gg-sp"
+    batch_router: ClassVar[str] = "greedy"
 
     def gate(self, key, view, targets):
         return occupancy_gate(view, targets)
@@ -67,6 +68,7 @@ class GateAndRouteHoldBack(AbstractPolicy):
     prefill_first: ClassVar[bool] = False
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "gg-sp-hb"
+    batch_router: ClassVar[str] = "greedy"
     admits_in_bursts: ClassVar[bool] = True
     threshold: int = eqx.field(static=True, default=0)
 
@@ -88,6 +90,7 @@ class PrioritizeAndRoute(AbstractPolicy):
     prefill_first: ClassVar[bool] = False
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "priority"
+    batch_router: ClassVar[str] = "greedy"
 
     def gate(self, key, view, targets):
         return lexicographic_argmin(view.q_p > 0, -targets.priority, jnp.zeros_like(targets.priority))
@@ -107,6 +110,7 @@ class SLIGateAndRoute(AbstractPolicy):
     prefill_first: ClassVar[bool] = False
     num_buffers: ClassVar[int] = 2
     name: ClassVar[str] = "sli"
+    batch_router: ClassVar[str] = "split"
 
     def gate(self, key, view, targets):
         return occupancy_gate(view, targets)
@@ -135,6 +139,7 @@ class FIWSP(AbstractPolicy):
     prefill_first: ClassVar[bool] = True
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "fi-wsp"
+    batch_router: ClassVar[str] = "coupled"
 
     def gate(self, key, view, targets):
         return fcfs_gate(view)
@@ -151,6 +156,7 @@ class GIWSP(AbstractPolicy):
     prefill_first: ClassVar[bool] = True
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "gi-wsp"
+    batch_router: ClassVar[str] = "coupled"
 
     def gate(self, key, view, targets):
         return occupancy_gate(view, targets)
@@ -169,6 +175,7 @@ class GFWSP(AbstractPolicy):
     prefill_first: ClassVar[bool] = True
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "gf-wsp"
+    batch_router: ClassVar[str] = "any"
 
     def gate(self, key, view, targets):
         return occupancy_gate(view, targets)
@@ -186,6 +193,7 @@ class FGSP(AbstractPolicy):
     prefill_first: ClassVar[bool] = False
     num_buffers: ClassVar[int] = 1
     name: ClassVar[str] = "fg-sp"
+    batch_router: ClassVar[str] = "greedy"
 
     def gate(self, key, view, targets):
         return fcfs_gate(view)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from ..lp import solve_lp, static_plan
 from ..metrics.summary import Estimate, replica_metrics, status_report, summarize
 from ..model.scenario import Scenario
 from ..policies import AbstractPolicy, get_policy
+from . import engine as _exact
 from .engine import simulate
 from .state import PolicyTargets, SimParams, SimSpec
 
@@ -19,10 +21,30 @@ from .state import PolicyTargets, SimParams, SimSpec
 _PLANNING_OBJECTIVE = {"priority": "separate"}
 
 
+ENGINES = ("exact", "stepped")
+
+
+def single_runner(engine: str = "exact", dt: float | None = None):
+    """The one-replica simulator of an engine: ``fn(key, params, spec, policy, record_times=None) ->
+    (final_state, trajectory)``. "exact" is the event-by-event CTMC; "stepped" the time-stepped
+    approximation with step ``dt`` (None: its documented default). Batch it with ``vmap``."""
+    if engine == "exact":
+        if dt is not None:
+            raise ValueError(f"invalid field 'dt': only the 'stepped' engine takes a step, got dt={dt!r}")
+        return _exact.run_single
+    if engine == "stepped":
+        from . import stepped
+
+        return functools.partial(stepped.run_single, dt=stepped.DEFAULT_DT if dt is None else float(dt))
+    raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SimulationResult:
     scenario: Scenario
     policy: str
+    engine: str
+    dt: float | None
     n: int
     horizon: float
     warmup: float
@@ -51,12 +73,15 @@ def make_params(scenario: Scenario, policy: AbstractPolicy | str, n: int, horizo
 
 def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | None = None, replicas: int = 16,
         horizon: float = 1000.0, warmup: float | None = None, seed: int = 0, room: int | None = None,
-        convention: str = "B", dtype: str = "float64", record_times=None) -> SimulationResult:
+        convention: str = "B", dtype: str = "float64", record_times=None, engine: str = "exact",
+        dt: float | None = None) -> SimulationResult:
     """Simulate ``replicas`` independent copies from an empty cluster and summarise them.
 
     ``warmup`` defaults to 20% of the horizon. ``room`` (waiting-room cells per class) defaults to
     1.25 x max_i n lam_i / theta_i + 64: a queue nobody serves is Poisson(n lam / theta), so this
     holds it with room to spare; a full room still never drops silently (``lost`` and a status bit).
+    ``engine`` is "exact" (event by event) or "stepped" (time steps of ``dt``; see
+    :mod:`jaxq.sim.stepped` and docs/time-stepped.md for its measured bias).
     """
     pol = get_policy(policy) if isinstance(policy, str) else policy
     n = scenario.cluster.n if n is None else n
@@ -72,10 +97,18 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
                    convention=convention, dtype=dtype)
     keys = jax.random.split(jax.random.key(seed), replicas)
-    state, traj = simulate(keys, params, spec, pol, record_times)
+    if engine == "stepped":
+        from . import stepped
+
+        dt = stepped.DEFAULT_DT if dt is None else dt
+        stepped.check_dt(params.model, dt)
+        state, traj = stepped.simulate(keys, params, spec, pol, record_times, dt=float(dt))
+    else:
+        single_runner(engine, dt)  # validates engine and dt
+        state, traj = simulate(keys, params, spec, pol, record_times)
     metrics = replica_metrics(state, scenario, n, horizon, warmup)
     return SimulationResult(
-        scenario=scenario, policy=pol.name, n=n, horizon=horizon, warmup=warmup, replicas=replicas,
+        scenario=scenario, policy=pol.name, engine=engine, dt=dt, n=n, horizon=horizon, warmup=warmup, replicas=replicas,
         lp_value=lp.value, num_mixed=plan.num_mixed, metrics=metrics, summary=summarize(metrics),
         status=status_report(state.status), state=state, trajectory=traj,
     )

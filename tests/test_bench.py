@@ -1,0 +1,57 @@
+"""`jaxq bench` in its tiny mode: every section runs and the JSON record has the expected shape.
+Speed itself is never asserted, only that each rate is a positive finite number."""
+
+import json
+import math
+
+import pytest
+
+from jaxq.bench import PRESETS, run_bench
+
+
+def _rate(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    rec = run_bench(PRESETS["tiny"], out=out, verbose=False)
+    assert rec["path"] == str(out)
+    return json.loads(out.read_text())
+
+
+def test_engine_sections(record):
+    assert record["schema"] == "jaxq-bench/1" and record["mode"] == "tiny"
+    for key in ("platform", "device_kind", "cpu_model", "cpu_cores", "jax", "jaxq"):
+        assert record["machine"][key] not in (None, "")
+    assert record["engines"]["exact"] == "available"
+    rows = [r for r in record["canonical"] if r["engine"] == "exact"]
+    assert [r["replicas"] for r in rows] == list(PRESETS["tiny"].replicas)
+    for r in rows:
+        assert r["events"] > 0 and r["steps"] >= r["events"] and 0 < r["loop_efficiency"] <= 1
+        for key in ("events_per_s", "us_per_event", "run_s", "compile_s", "horizon_s"):
+            assert _rate(r[key]), (key, r[key])
+    for dim in ("replicas", "n", "horizon"):
+        assert "exact" in record["scaling"][dim]
+    assert all(_rate(r["events_per_s"]) for r in record["scaling"]["horizon"]["exact"]["rows"])
+    (bw,) = record["bandwidth"]
+    for key in ("bytes_per_event", "bandwidth_Bps", "bound_us_per_event", "ratio_measured_to_bound",
+                "ratio_step_to_bound"):
+        assert _rate(bw[key]), (key, bw[key])
+    assert record["errors"] == {}
+
+
+def test_reference_and_engine_on_mmc(record):
+    assert _rate(record["peers"]["reference"]["events_per_s"])
+    (row,) = [r for r in record["mmc_engine"] if r["engine"] == "exact"]
+    assert _rate(row["mmc_events_per_s"]) and row["mmc_events"] <= row["events"]
+
+
+@pytest.mark.parametrize("peer", ["ciw", "simpy"])
+def test_peer(record, peer):
+    pytest.importorskip(peer)
+    r = record["peers"][peer]
+    assert r["events"] > 0 and _rate(r["events_per_s"]) and r["version"]
+    (ratio,) = [q for q in record["ratios"] if q["engine"] == "exact"]
+    assert _rate(ratio[f"vs_{peer}"])
