@@ -26,7 +26,7 @@ CANONICAL = jaxq.load_scenario("canonical")
 def in_system(state):
     num = state.q_p.shape[-1]
     X = jnp.sum(state.prefill_class[..., None] == jnp.arange(num)[None, None, :], axis=-2)
-    return np.asarray(state.q_p + X + jnp.sum(state.q_d, axis=-2) + jnp.sum(state.decodes, axis=-2))
+    return np.asarray(state.q_p + X + jnp.sum(state.q_d, axis=-2) + jnp.sum(state.decodes, axis=-1))  # (R, I, n)
 
 
 def check(state, params, policy, n):
@@ -37,7 +37,7 @@ def check(state, params, policy, n):
     assert np.all(np.asarray(state.status) == 0), np.asarray(state.status)
     B = int(params.model.B)
     pre = np.asarray(state.prefill_class) >= 0
-    ndec = np.asarray(state.decodes).sum(-1)
+    ndec = np.asarray(state.decodes).sum(-2)
     if policy.partitioned:
         mixed = np.arange(n) < int(params.targets.num_mixed)
         assert np.all(ndec[:, mixed] <= B - 1) and np.all(ndec[:, ~mixed] <= B)
@@ -81,11 +81,11 @@ def test_decode_completion_draw_matches_binomial_means():
     """The one-uniform draw of a GPU's decode completions: per-class means d_c p_c up to the O((dp)^2)
     truncation, checked on 2e5 GPUs against its own standard error."""
     n = 200_000
-    decodes = jnp.tile(jnp.array([[9, 6]], jnp.int32), (n, 1))
+    decodes = jnp.tile(jnp.array([[9], [6]], jnp.int32), (1, n))
     slow = jnp.arange(n) % 2 == 0
     p_slow, p_fast = jnp.array([0.004, 0.01]), jnp.array([0.006, 0.015])
     u = jax.random.uniform(jax.random.key(0), (n,))
-    k = np.asarray(stepped._decode_completions(u, decodes, slow, p_slow, p_fast))
+    k = np.asarray(stepped._decode_completions(u, decodes, slow, p_slow, p_fast)).T
     for mask, p in ((np.asarray(slow), p_slow), (~np.asarray(slow), p_fast)):
         mean, se = k[mask].mean(0), k[mask].std(0) / np.sqrt(mask.sum())
         target = np.array([9, 6]) * np.asarray(p)
@@ -94,9 +94,13 @@ def test_decode_completion_draw_matches_binomial_means():
 
 def test_place_and_allocate_respect_free_slots():
     free = jnp.array([0, 3, 1, 0, 2, 5])
+    solo, mixed = jnp.arange(6) >= 2, jnp.arange(6) < 2  # contiguous groups, as static planning lays them
     for u in (0.0, 0.4, 0.99):
-        got = np.asarray(stepped._place(u, jnp.array([4, 3]), free))
+        got = np.asarray(stepped._place(jnp.array([u]), jnp.array([[4, 3]]), free, [jnp.ones(6, bool)])).T
         assert got.sum(0).tolist() == [4, 3] and np.all(got.sum(1) <= np.asarray(free))
+        two = np.asarray(stepped._place(jnp.array([u, 1 - u]), jnp.array([[5, 2], [1, 2]]), free, [solo, mixed])).T
+        assert two[2:].sum(0).tolist() == [5, 2] and two[:2].sum(0).tolist() == [1, 2]
+        assert np.all(two.sum(1) <= np.asarray(free))
         alloc = np.asarray(stepped._allocate(u, jnp.array([5, 0, 2]), 4))
         assert alloc.sum() == 4 and np.all(alloc <= [5, 0, 2])
 
@@ -215,3 +219,18 @@ def test_clear_errors():
     policy, params, spec = small()
     with pytest.raises(ValueError, match="batch_router"):
         stepped.simulate(jax.random.split(jax.random.key(0), 1), params, spec, NoBulk(), dt=0.02)
+
+
+@pytest.mark.parametrize("mean,count", [(0.3, None), (4.0, None), (60.0, None), (0.3, 150), (12.0, 40), (80.0, 400)])
+def test_count_draw_moments(mean, count):
+    """The step's Poisson and binomial counts (inverse CDF up to mean 25, rounded normal above): mean
+    and variance within 5 SE of the exact ones over 2e5 draws, never above the count."""
+    u = jax.random.uniform(jax.random.key(0), (200_000,))
+    m = jnp.full(u.shape, mean)
+    k = np.asarray(stepped._count_draw(u, m, None if count is None else jnp.full(u.shape, count, jnp.int32)))
+    var = mean if count is None else mean * (1 - mean / count)
+    se_mean = np.sqrt(var / k.size)
+    assert abs(k.mean() - mean) <= 5 * se_mean, (k.mean(), mean)
+    assert abs(k.var() - var) <= 5 * var * np.sqrt(2 / k.size) + 0.1, (k.var(), var)  # +0.1: rounding of the normal
+    if count is not None:
+        assert k.max() <= count
