@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Modules are imported lazily so `jaxq --help` stays fast.
@@ -30,8 +31,19 @@ def build_parser(available: dict[str, object]) -> argparse.ArgumentParser:
     return parser
 
 
+def _host_devices() -> None:
+    """On a CPU, XLA runs one batched program on one thread. Splitting the host into one device per
+    core lets the commands shard replicas over them (``jax.sharding``), which is the only way they use
+    every core. Must run before JAX initialises its backend; an explicit XLA_FLAGS setting wins."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(cores, 1)}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _host_devices()
     available = {}
     for name, (modname, _) in COMMANDS.items():
         try:

@@ -8,13 +8,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from ..lp import solve_lp, static_plan
 from ..metrics.summary import Estimate, replica_metrics, status_report, summarize
 from ..model.scenario import Scenario
 from ..policies import AbstractPolicy, get_policy
 from . import engine as _exact
-from .engine import simulate
 from .state import PolicyTargets, SimParams, SimSpec
 
 # Which LP plans each policy: prioritize-and-route is the separate-charging policy (MODEL.md §5.2).
@@ -37,6 +38,42 @@ def single_runner(engine: str = "exact", dt: float | None = None):
 
         return functools.partial(stepped.run_single, dt=stepped.DEFAULT_DT if dt is None else float(dt))
     raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+@functools.cache
+def _sharded(engine: str, dt: float | None, spec: SimSpec, policy: AbstractPolicy, record_times, devices: tuple):
+    """One jitted program per (engine, shapes, devices): replicas split over a one-axis mesh with
+    ``shard_map``, each device running its own loop over its share (no communication inside: a plain
+    jit of sharded inputs would synchronise the devices on the loop condition every step)."""
+    single = single_runner(engine, dt)
+
+    def local(keys, params):
+        return jax.vmap(lambda k: single(k, params, spec, policy, record_times))(keys)
+
+    if len(devices) == 1:
+        return jax.jit(local)
+    mesh = Mesh(np.array(devices), ("replica",))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("replica"), P()), out_specs=P("replica"),
+                                 check_vma=False))
+
+
+def run_replicas(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy, *, engine: str = "exact",
+                 dt: float | None = None, record_times=None, devices=None):
+    """Final states (and trajectories) of ``len(keys)`` replicas, sharded over ``devices`` (default: all
+    local devices; on a CPU, ``jaxq`` commands make one per core). The replica count is padded up to a
+    multiple of the device count with extra keys whose results are dropped; each replica's result
+    depends only on its key, so it is the same on any number of devices."""
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    record_times = None if record_times is None else tuple(float(t) for t in record_times)
+    fn = _sharded(engine, dt, spec, policy, record_times, devices)
+    R = keys.shape[0]
+    pad = -R % len(devices)
+    if pad:
+        keys = jnp.concatenate([keys, jax.random.split(jax.random.fold_in(keys[0], 2**31 - 1), pad)])
+    state, traj = fn(keys, params)
+    if pad:
+        state, traj = jax.tree_util.tree_map(lambda x: x[:R], (state, traj))
+    return state, traj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +137,9 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     if engine == "stepped":
         from . import stepped
 
-        dt = stepped.DEFAULT_DT if dt is None else dt
+        dt = float(stepped.DEFAULT_DT if dt is None else dt)
         stepped.check_dt(params.model, dt)
-        state, traj = stepped.simulate(keys, params, spec, pol, record_times, dt=float(dt))
-    else:
-        single_runner(engine, dt)  # validates engine and dt
-        state, traj = simulate(keys, params, spec, pol, record_times)
+    state, traj = run_replicas(keys, params, spec, pol, engine=engine, dt=dt, record_times=record_times)
     metrics = replica_metrics(state, scenario, n, horizon, warmup)
     return SimulationResult(
         scenario=scenario, policy=pol.name, engine=engine, dt=dt, n=n, horizon=horizon, warmup=warmup, replicas=replicas,

@@ -9,6 +9,7 @@ import numpy as np
 from ..model.config import load_scenario
 from ..policies import POLICIES
 from .api import run as run_simulation
+from .state import ABANDON_DECODE, ABANDON_PREFILL, ARRIVED, DECODE_DONE, PREFILL_DONE
 
 _ROWS = [
     ("revenue_bundled", "revenue, bundled (per GPU per s)"),
@@ -39,12 +40,16 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--convention", choices=["A", "B"], default="B",
                         help="decode speed on mixed GPUs: B = mu_m only while a prefill runs (paper), A = always")
+    parser.add_argument("--engine", choices=["exact", "stepped"], default="exact",
+                        help="exact (event by event, default) or stepped (time steps of --dt; docs/time-stepped.md)")
+    parser.add_argument("--dt", type=float, default=None, help="step of the stepped engine in s (default 0.02)")
 
 
 def format_result(res) -> str:
     names = res.scenario.classes.names
+    engine = res.engine if res.engine == "exact" else f"{res.engine}, dt = {res.dt:g} s"
     lines = [f"{res.scenario.name}: policy {res.policy}, n = {res.n} (M = {res.num_mixed} mixed), "
-             f"{res.replicas} replicas, horizon {res.horizon:g} s, warm-up {res.warmup:g} s",
+             f"{res.replicas} replicas, horizon {res.horizon:g} s, warm-up {res.warmup:g} s, {engine} engine",
              f"LP optimum R* = {res.lp_value:.4f}; values are means ± 95% CI half-width over replicas"]
     table = []
     for key, label in _ROWS:
@@ -64,10 +69,11 @@ def run(args) -> int:
     scenario = load_scenario(args.scenario)
     t0 = time.perf_counter()
     res = run_simulation(scenario, args.policy, n=args.n, replicas=args.replicas, horizon=args.horizon,
-              warmup=args.warmup, seed=args.seed, convention=args.convention)
+              warmup=args.warmup, seed=args.seed, convention=args.convention, engine=args.engine, dt=args.dt)
     elapsed = time.perf_counter() - t0
     print(format_result(res))
-    events = float(np.sum(np.asarray(res.state.step)))
+    totals = np.asarray(res.state.totals)  # arrivals, completions, abandonments: the same count for both engines
+    events = float(totals[:, [ARRIVED, PREFILL_DONE, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE]].sum())
     print(f"  {events:.3g} events in {elapsed:.1f} s wall (including compilation)")
     return 1 if res.status else 0
 

@@ -389,7 +389,8 @@ def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int, 
     )
 
 
-def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None):
+def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None,
+               events_per_iteration: int = 1):
     """Simulate one replica from an empty system to ``params.horizon``. Consumes ``key``.
 
     Returns the final state, and if ``record_times`` (a static tuple of increasing times) is given,
@@ -405,7 +406,13 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
         def cond(s):
             return (s.t < seg_end) & (s.step < params.max_steps) & (s.status & NONFINITE == 0)
 
-        return jax.lax.while_loop(cond, lambda s: sim.step((arrival_key, service_key), params, s, seg_end), state)
+        def body(s):
+            # several events per loop iteration (the unrolled copies after a stop are masked no-ops)
+            for _ in range(events_per_iteration):
+                s = sim.step((arrival_key, service_key), params, s, seg_end)
+            return s
+
+        return jax.lax.while_loop(cond, body, state)
 
     if record_times is None:
         state = run_to(state, params.horizon)
@@ -423,6 +430,7 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
 
 
 @eqx.filter_jit
-def simulate(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None):
+def simulate(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None,
+             events_per_iteration: int = 1):
     """Replicas batched over ``keys`` (shape (R, ...)); ``params`` shared. Returns batched states."""
-    return jax.vmap(lambda k: run_single(k, params, spec, policy, record_times))(keys)
+    return jax.vmap(lambda k: run_single(k, params, spec, policy, record_times, events_per_iteration))(keys)

@@ -234,3 +234,20 @@ def test_count_draw_moments(mean, count):
     assert abs(k.var() - var) <= 5 * var * np.sqrt(2 / k.size) + 0.1, (k.var(), var)  # +0.1: rounding of the normal
     if count is not None:
         assert k.max() <= count
+
+
+@pytest.mark.parametrize("engine", ["exact", "stepped"])
+def test_sharded_run_equals_one_device(engine):
+    """api.run shards replicas over the 4 host devices conftest makes (3 replicas: one padding key);
+    every replica equals the unsharded batched run on the same keys."""
+    from jaxq.sim.api import run_replicas
+
+    assert len(jax.devices()) == 4
+    policy, params, spec = small("gg-sp")
+    keys = jax.random.split(jax.random.key(5), 3)
+    dt = 0.02 if engine == "stepped" else None
+    many, _ = run_replicas(keys, params, spec, policy, engine=engine, dt=dt)
+    one, _ = run_replicas(keys, params, spec, policy, engine=engine, dt=dt, devices=jax.devices()[:1])
+    for x, y in zip(jax.tree_util.tree_leaves(many), jax.tree_util.tree_leaves(one)):
+        assert x.shape[0] == 3
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
