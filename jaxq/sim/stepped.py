@@ -23,7 +23,8 @@ What differs from the exact engine (measured in docs/time-stepped.md):
   probability proportional to its waiting count (an exponential race on "pseudo head times");
   within a class order does not matter for any metric (patience is memoryless);
 * bulk placement: a step's decodes fill free slots of the target group in GPU order from a random
-  starting GPU, not one uniform draw per job; jobs that arrive during a step cannot abandon in it;
+  starting GPU, not one uniform draw per job; a job arriving during a step abandons in it with
+  probability theta dt/2 (its mean exposure);
 * per GPU, "two or more decodes finish in one step" (probability O((d mu dt)^2), under 1e-3 per
   GPU-step at the default step) is taken as exactly two of one class.
 
@@ -167,28 +168,30 @@ def _cumsum(x):
 def _place(u, blocks, free, masks):
     """Give jobs to GPUs with ``free`` slots. ``masks`` are G groups of GPUs, each a contiguous index
     range (as static planning lays them out), and ``blocks[j, c]`` class-c jobs go to group j
-    (sum_c blocks[j] <= the group's free slots). Within a group the jobs fill GPUs in index order from
-    a uniformly random starting GPU (wrapping), class blocks in order: one prefix sum over all GPUs,
-    not one uniform draw per job. ``u``: G uniforms. Returns the (I, n) jobs each GPU receives."""
+    (sum_c blocks[j] <= the group's free slots). Within a group the jobs take consecutive free slots
+    (GPU by GPU) from a uniformly random free slot, wrapping, class blocks in order: a single job
+    lands on a GPU with probability proportional to its free slots (uniformly among idle GPUs for
+    prefills), and the whole placement is one prefix sum over all GPUs, not one draw per job.
+    (Starting at a random *GPU* instead favours free GPUs behind long runs of full ones, which
+    measurably biased the coupled policies.) ``u``: G uniforms. Returns the (I, n) jobs per GPU."""
     n = free.shape[0]
     num_groups, num = blocks.shape
     excl = _cumsum(free) - free
     out = [jnp.zeros((n,), _I32) for _ in range(num)]
     for j in range(num_groups):
         mask = masks[j]
-        size = jnp.sum(mask, dtype=_I32)
         first_gpu = jnp.argmax(mask)
         room = jnp.sum(jnp.where(mask, free, 0))
-        within = excl - excl[first_gpu]  # slots of the group before each of its GPUs
-        start = first_gpu + jnp.minimum(jnp.floor(u[j] * size).astype(_I32), jnp.maximum(size - 1, 0))
-        rotated = within - within[start]
-        pos = jnp.where(rotated >= 0, rotated, rotated + room)
-        end = pos + free
-        lo = jnp.zeros((), _I32)
+        lo_slot = excl - excl[first_gpu]  # the group's slots before each of its GPUs
+        hi_slot = lo_slot + free
+        start = jnp.minimum(jnp.floor(u[j] * room).astype(_I32), jnp.maximum(room - 1, 0))
+        lo = start
         for c in range(num):
             hi = lo + blocks[j, c]
-            got = jnp.minimum(end, hi) - jnp.maximum(pos, lo)
-            out[c] = out[c] + jnp.where(mask, jnp.maximum(got, 0), 0).astype(_I32)
+            # the job range [lo, hi) may run past the group's last slot and wrap to its first
+            got = (jnp.maximum(jnp.minimum(hi_slot, hi) - jnp.maximum(lo_slot, lo), 0)
+                   + jnp.maximum(jnp.minimum(hi_slot + room, hi) - jnp.maximum(lo_slot + room, lo), 0))
+            out[c] = out[c] + jnp.where(mask, got, 0).astype(_I32)
             lo = hi
     return jnp.stack(out)
 
@@ -396,10 +399,13 @@ class _Stepper(eqx.Module):
                 q_d = q_d + jnp.stack([to_solo, done_cls - to_solo])
             else:
                 q_d = q_d.at[0].add(done_cls)
-        queued = state.q_p - ab_p + arrivals
+        # an arrival waits from its (uniform) arrival time to the step's end: it abandons on the way
+        # with probability theta dt/2 on average
+        ab_new = _count_draw(rand.take(num), 0.5 * arrivals * m.theta * dt_, arrivals)
+        queued = state.q_p - ab_p + arrivals - ab_new
         state = eqx.tree_at(lambda s: (s.prefill_class, s.decodes, s.q_d, s.q_p), state,
                             (jnp.where(prefill_done, -1, state.prefill_class), decodes, q_d, queued))
-        for row, v in ((ARRIVED, arrivals), (ABANDON_PREFILL, ab_p), (ABANDON_DECODE, jnp.sum(ab_d, axis=0)),
+        for row, v in ((ARRIVED, arrivals), (ABANDON_PREFILL, ab_p + ab_new), (ABANDON_DECODE, jnp.sum(ab_d, axis=0)),
                        (PREFILL_DONE, done_cls), (DECODE_DONE, jnp.sum(dec_done, axis=1))):
             state = self._count(state, row, v, post)
         if pol.coupled:
@@ -416,8 +422,8 @@ class _Stepper(eqx.Module):
         # so this step's arrivals admitted now are adm - older. Those that took a slot already idle at
         # the step's start would not have waited; one that took a slot freed during the step waited iff
         # it arrived before the slot freed (both times uniform in the step: probability 1/2).
-        older = queued - arrivals
-        new_in = jnp.clip(adm - older, 0, arrivals)
+        older = queued - (arrivals - ab_new)
+        new_in = jnp.clip(adm - older, 0, arrivals - ab_new)
         immediate = _allocate(rand.take(1)[0], new_in, jnp.minimum(jnp.sum(new_in), idle_at_start))
         rest = new_in - immediate
         lucky = _count_draw(rand.take(num), 0.5 * rest.astype(dtype), rest)

@@ -110,8 +110,8 @@ def test_erlang_a_at_a_small_step():
     the prefill is set to exactly one step (mu_p dt = 1) and the decode to mean 1 - dt: service has
     mean 1 and differs from exp(1) by a dt = 0.005 shift, far below 3 SE here."""
     c, lam, theta, dt = 8, 7.6, 0.5, 0.005
-    tau = CANONICAL.timing.alpha + CANONICAL.timing.beta * CANONICAL.timing.C
-    P = CANONICAL.timing.C * dt / tau
+    C = CANONICAL.cluster.C
+    P = C * dt / CANONICAL.timing.tau_mix(C)  # mu_p = C / (P tau) = 1/dt
     s = CANONICAL.replace(classes=JobClasses(P=[P], D=[CANONICAL.timing.gamma * (1 - dt)], lam=[lam / c], theta=[theta]),
                           **{"cluster.B": 1, "cluster.n": c})
     res = run(s, "fi-wsp", n=c, replicas=32, horizon=1500.0, warmup=150.0, engine="stepped", dt=dt)
