@@ -202,6 +202,7 @@ def _onehot_sum(cls, mask, num):
 
 
 _INVERSION_TERMS = 64
+_TRACKED = 32  # per class, prefill completions per step whose finishing times are drawn
 _INVERSION_MAX_MEAN = 25.0
 
 
@@ -313,7 +314,7 @@ class _Stepper(eqx.Module):
         order the slots freed within the step. Slots idle since the step's start come first; the
         slots freed during it follow at the order statistics of uniform times, and each decision sees
         as still running the prefills (``done_cls`` of them per class) that had not yet finished by
-        then (binomial thinning, consistent across the step). Deciding all slots as if every
+        then (their finishing times are uniform in the step, drawn once). Deciding all slots as if every
         completion came first would let a class whose short prefills finish often take slots that
         freed before its completion did (an O(dt) bias measured on GI-WSP)."""
         num = self.spec.num_classes
@@ -331,33 +332,40 @@ class _Stepper(eqx.Module):
                         q_p=q_p, queue_head=jnp.where(q_p > 0, race, jnp.inf), q_d=state.q_d,
                         buffer_head=jnp.full(state.q_d.shape, jnp.inf))
 
-        def advance(k, t, pending):
-            """Time of slot k (0 for the slots idle since the start) and the completions still pending then."""
-            u = jax.random.uniform(jax.random.fold_in(key, k + 2**21), (1 + num,), dtype=dtype)
-            j = k - idle_at_start  # index among the slots freed during the step
+        # the finishing times of this step's prefill completions: uniform, drawn once (so "still running
+        # at t" is consistent across the decisions); beyond _TRACKED per class, in expectation
+        taus = jax.random.uniform(jax.random.fold_in(key, 2**22), (num, _TRACKED), dtype=dtype)
+        tracked = jnp.arange(_TRACKED)[None, :] < done_cls[:, None]
+
+        def running(t):
+            extra = jnp.maximum(done_cls - _TRACKED, 0).astype(dtype) * (1.0 - t)
+            return jnp.sum(tracked & (taus > t), axis=1, dtype=_I32) + jnp.round(extra).astype(_I32)
+
+        def advance(k, t):
+            """Time of slot k: 0 for the slots idle since the start, then the order statistics of the
+            slots freed during the step."""
+            u = jax.random.uniform(jax.random.fold_in(key, k + 2**21), dtype=dtype)
+            j = k - idle_at_start
             remaining = jnp.maximum(freed - j, 1).astype(dtype)
-            t_new = jnp.where(j >= 0, 1.0 - (1.0 - t) * u[0] ** (1.0 / remaining), t)
-            keep = jnp.where(t < 1.0, (1.0 - t_new) / jnp.maximum(1.0 - t, 1e-12), 0.0)
-            return t_new, _count_draw(u[1:], pending * keep, pending)
+            return jnp.where(j >= 0, 1.0 - (1.0 - t) * u ** (1.0 / remaining), t)
 
         def pick(carry):
-            X, q_p, adm, k, t, pending = carry
-            return self.policy.gate(jax.random.fold_in(key, k + 2**20), view(X + pending, q_p, k), params.targets)
+            X, q_p, adm, k, t = carry
+            return self.policy.gate(jax.random.fold_in(key, k + 2**20), view(X + running(t), q_p, k), params.targets)
 
         def cond(carry):
-            X, q_p, adm, k, t, pending = carry
+            X, q_p, adm, k, t = carry
             c = pick(carry)
             return (k < slots) & (c >= 0) & (q_p[jnp.maximum(c, 0)] > 0)
 
         def body(carry):
-            X, q_p, adm, k, t, pending = carry
+            X, q_p, adm, k, t = carry
             one = (jnp.arange(num) == pick(carry)).astype(_I32)
-            t, pending = advance(k + 1, t, pending)
-            return X + one, q_p - one, adm + one, k + 1, t, pending
+            return X + one, q_p - one, adm + one, k + 1, advance(k + 1, t)
 
         zeros = jnp.zeros((num,), _I32)
-        t0, pending0 = advance(jnp.int32(0), jnp.zeros((), dtype), done_cls.astype(_I32))
-        _, q_p, adm, _, _, _ = jax.lax.while_loop(cond, body, (X0, state.q_p, zeros, jnp.int32(0), t0, pending0))
+        t0 = advance(jnp.int32(0), jnp.zeros((), dtype))
+        _, q_p, adm, _, _ = jax.lax.while_loop(cond, body, (X0, state.q_p, zeros, jnp.int32(0), t0))
         got = _place(rand.take(1), adm[None, :], idle.astype(_I32), [jnp.ones_like(idle)])
         new_class = jnp.argmax(got, axis=0).astype(_I32)
         prefill_class = jnp.where(jnp.any(got > 0, axis=0), new_class, state.prefill_class)
