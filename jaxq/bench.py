@@ -50,9 +50,10 @@ from .model import JobClasses
 from .policies import get_policy
 from .sim.api import _PLANNING_OBJECTIVE, make_params, single_runner
 from .sim.state import COUNTER_NAMES, SimSpec
+from .sim.state import EVENT_ROWS as STATE_EVENT_ROWS
 
 # Rows of `totals` that are events (the engine-independent count).
-EVENT_ROWS = ("arrived", "prefill_done", "decode_done", "abandon_prefill", "abandon_decode")
+EVENT_ROWS = tuple(COUNTER_NAMES[i] for i in STATE_EVENT_ROWS)  # jaxq.sim.state.EVENT_ROWS, by name
 # The M/M/c+M events (arrivals and departures): what Ciw and SimPy simulate. The engine's extra
 # prefill completion (the tiny prompt) has no counterpart there, so the ratios use these.
 MMC_EVENT_ROWS = ("arrived", "decode_done", "abandon_prefill", "abandon_decode")

@@ -9,7 +9,7 @@ import numpy as np
 from ..model.config import load_scenario
 from ..policies import POLICIES
 from .api import run as run_simulation
-from .state import ABANDON_DECODE, ABANDON_PREFILL, ARRIVED, DECODE_DONE, PREFILL_DONE
+from .state import EVENT_ROWS
 
 _ROWS = [
     ("revenue_bundled", "revenue, bundled (per GPU per s)"),
@@ -73,7 +73,7 @@ def run(args) -> int:
     elapsed = time.perf_counter() - t0
     print(format_result(res))
     totals = np.asarray(res.state.totals)  # arrivals, completions, abandonments: the same count for both engines
-    events = float(totals[:, [ARRIVED, PREFILL_DONE, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE]].sum())
+    events = float(totals[:, list(EVENT_ROWS)].sum())
     print(f"  {events:.3g} events in {elapsed:.1f} s wall (including compilation)")
     return 1 if res.status else 0
 

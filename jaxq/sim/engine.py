@@ -55,6 +55,8 @@ from .state import (
     SimSpec,
     SimState,
     View,
+    gpu_groups,
+    runs_slow,
 )
 
 if TYPE_CHECKING:  # policies import the state types from this package: avoid the cycle at run time
@@ -79,12 +81,7 @@ def make_view(spec: SimSpec, params: SimParams, state: SimState) -> View:
 
 
 def _slow(spec: SimSpec, group, prefill_class):
-    """Whether decodes on a GPU run at mu_m (True) or mu_s. Convention B (paper eqs. 18-19): while the
-    GPU runs a prefill. Convention A: always on G_mix, never on G_solo (and B's rule on "any" GPUs)."""
-    has_prefill = prefill_class >= 0
-    if spec.convention == "A":
-        return (group == MIXED) | ((group == ANY) & has_prefill)
-    return has_prefill
+    return runs_slow(spec.convention, group, prefill_class)
 
 
 def _bump(counts, row, cls, do):
@@ -373,10 +370,7 @@ def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int, 
     first = jax.vmap(lambda c: jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, c), 0)))(
         jnp.arange(num))
     zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
-    if partitioned:
-        group = jnp.where(jnp.arange(n) < params.targets.num_mixed, MIXED, SOLO).astype(_I32)
-    else:
-        group = jnp.full((n,), ANY, _I32)
+    group = gpu_groups(params, n, partitioned)
     return SimState(
         t=jnp.zeros((), jnp.float64), step=jnp.zeros((), _I32), group=group,
         prefill_class=jnp.full((n,), -1, _I32), decodes=jnp.zeros((n, num), _I32),

@@ -31,6 +31,8 @@ ARRIVED, ADMITTED, PREFILL_DONE, DECODE_STARTED, DECODE_DONE, ABANDON_PREFILL, A
 COUNTER_NAMES = ("arrived", "admitted", "prefill_done", "decode_started", "decode_done",
                  "abandon_prefill", "abandon_decode", "lost", "waited")
 NUM_COUNTERS = len(COUNTER_NAMES)
+# The counters that are events (arrivals, completions, abandonments): the engine-independent event count.
+EVENT_ROWS = (ARRIVED, PREFILL_DONE, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE)
 
 # Rows of the per-class time integrals.
 INT_QP, INT_X, INT_QD, INT_YM, INT_YS, INT_Y_MIXGROUP = range(6)
@@ -141,3 +143,20 @@ class View(eqx.Module):
     queue_head: Float[Array, " I"]  # entry time of each class's oldest waiting prefill job (+inf)
     q_d: Int[Array, "NB I"]
     buffer_head: Float[Array, "NB I"]
+
+
+def gpu_groups(params: "SimParams", n: int, partitioned: bool):
+    """Group of each GPU: the first ``num_mixed`` are G_mix, the rest G_solo (static planning); all
+    "any" without a partition. Both engines rely on the groups being contiguous index ranges."""
+    if partitioned:
+        return jnp.where(jnp.arange(n) < params.targets.num_mixed, MIXED, SOLO).astype(jnp.int32)
+    return jnp.full((n,), ANY, jnp.int32)
+
+
+def runs_slow(convention: str, group, prefill_class):
+    """Whether decodes on a GPU run at mu_m (True) or mu_s. Convention B (paper eqs. 18-19): while the
+    GPU runs a prefill. Convention A: always on G_mix, never on G_solo (and B's rule on "any" GPUs)."""
+    has_prefill = prefill_class >= 0
+    if convention == "A":
+        return (group == MIXED) | ((group == ANY) & has_prefill)
+    return has_prefill

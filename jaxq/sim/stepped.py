@@ -61,6 +61,8 @@ from .state import (
     SimParams,
     SimSpec,
     View,
+    gpu_groups,
+    runs_slow,
 )
 
 if TYPE_CHECKING:
@@ -98,13 +100,6 @@ def check_dt(model, dt: float) -> None:
         name = max(rates, key=lambda k: float(np.max(np.asarray(rates[k]))))
         raise ValueError(f"invalid field 'dt': the fastest phase ({name} = {worst:.4g}/s) needs dt <= "
                          f"{1.0 / worst:.4g} s so that its per-step probability rate x dt stays <= 1, got dt = {dt}")
-
-
-def _slow(convention, group, prefill_class):
-    has = prefill_class >= 0
-    if convention == "A":
-        return (group == MIXED) | ((group == ANY) & has)
-    return has
 
 
 def _decode_completions(u, decodes, slow, p_slow, p_fast):
@@ -410,7 +405,7 @@ class _Stepper(eqx.Module):
         has = state.prefill_class >= 0
         pc = jnp.maximum(state.prefill_class, 0)
         prefill_done = has & (u_pre < m.mu_p[pc] * dt_)
-        slow = _slow(spec.convention, state.group, state.prefill_class)
+        slow = runs_slow(spec.convention, state.group, state.prefill_class)
         dec_done = _decode_completions(u_dec, state.decodes, slow, m.mu_m * dt_, m.mu_s * dt_)
 
         # -- apply them ---------------------------------------------------------------------------
@@ -467,10 +462,7 @@ class _Stepper(eqx.Module):
 def init_state(spec: SimSpec, params: SimParams, partitioned: bool) -> SteppedState:
     num, n = spec.num_classes, spec.num_gpus
     zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
-    if partitioned:
-        group = jnp.where(jnp.arange(n) < params.targets.num_mixed, MIXED, SOLO).astype(_I32)
-    else:
-        group = jnp.full((n,), ANY, _I32)
+    group = gpu_groups(params, n, partitioned)
     return SteppedState(
         t=jnp.zeros((), jnp.float64), step=jnp.zeros((), _I32), group=group,
         prefill_class=jnp.full((n,), -1, _I32), decodes=jnp.zeros((num, n), _I32), q_p=jnp.zeros((num,), _I32),

@@ -35,21 +35,12 @@ from jax.sharding import PartitionSpec as P
 from ..metrics.summary import Estimate, replica_metrics, summarize
 from ..policies import get_policy
 from ..sim.api import make_params, single_runner
-from ..sim.state import (
-    ABANDON_DECODE,
-    ABANDON_PREFILL,
-    ARRIVED,
-    DECODE_DONE,
-    PREFILL_DONE,
-    SimSpec,
-)
+from ..sim.state import EVENT_ROWS, SimSpec
 from . import outputs
 from .grid import Grid, Point, _digest, scenario_dict
 
 # Times the batched simulator was traced (Python side effect at trace time: once per compile). Tests read it.
 TRACE_COUNT = 0
-# Rows of `totals` that are events in any engine: arrivals, completions, abandonments.
-EVENT_ROWS = (ARRIVED, PREFILL_DONE, DECODE_DONE, ABANDON_PREFILL, ABANDON_DECODE)
 _FIELDS = ("counts", "integrals", "totals", "status", "t")
 DEFAULT_MAX_BATCH = 1024
 
