@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scenarios": ("jaxq.model.scenarios_cli", "list the bundled scenarios"),
     "bench": ("jaxq.bench", "measure simulation speed (engines, peers, scaling) and write a JSON record"),
     "sweep": ("jaxq.sweep.cli", "run a grid of scenarios x settings in batches, resumable, to CSV + manifest"),
+    "reproduce": ("jaxq.experiments.reproduce", "reproduce one of the paper's experiments: data, figures, claims"),
 }
 
 

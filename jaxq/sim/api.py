@@ -111,14 +111,16 @@ def make_params(scenario: Scenario, policy: AbstractPolicy | str, n: int, horizo
 def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | None = None, replicas: int = 16,
         horizon: float = 1000.0, warmup: float | None = None, seed: int = 0, room: int | None = None,
         convention: str = "B", dtype: str = "float64", record_times=None, engine: str = "exact",
-        dt: float | None = None) -> SimulationResult:
+        dt: float | None = None, lp_solution=None) -> SimulationResult:
     """Simulate ``replicas`` independent copies from an empty cluster and summarise them.
 
     ``warmup`` defaults to 20% of the horizon. ``room`` (waiting-room cells per class) defaults to
     1.25 x max_i n lam_i / theta_i + 64: a queue nobody serves is Poisson(n lam / theta), so this
     holds it with room to spare; a full room still never drops silently (``lost`` and a status bit).
     ``engine`` is "exact" (event by event) or "stepped" (time steps of ``dt``; see
-    :mod:`jaxq.sim.stepped` and docs/time-stepped.md for its measured bias).
+    :mod:`jaxq.sim.stepped` and docs/time-stepped.md for its measured bias). ``lp_solution`` plans the
+    policy from a given LP solution (for example an SLI-constrained one from :func:`jaxq.lp.solve_sli`)
+    instead of the policy's own LP.
     """
     pol = get_policy(policy) if isinstance(policy, str) else policy
     n = scenario.cluster.n if n is None else n
@@ -130,7 +132,7 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     if room is None:
         theta = np.maximum(scenario.classes.theta, 1e-3)
         room = int(min(2**14, 1.25 * np.max(n * scenario.classes.lam / theta) + 64))
-    params, lp, plan = make_params(scenario, pol, n, horizon, warmup)
+    params, lp, plan = make_params(scenario, pol, n, horizon, warmup, lp_solution=lp_solution)
     spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
                    convention=convention, dtype=dtype)
     keys = jax.random.split(jax.random.key(seed), replicas)
