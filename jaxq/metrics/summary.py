@@ -22,6 +22,7 @@ Across replicas: mean, standard error (sample std / sqrt(R)) and a 95% Student-t
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -105,7 +106,9 @@ def estimate(samples, confidence: float = 0.95) -> Estimate:
     """Mean, standard error and Student-t confidence interval over axis 0 (replicas), NaNs ignored."""
     x = np.asarray(samples, dtype=np.float64)
     R = np.sum(np.isfinite(x), axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # a metric undefined on every replica (e.g. a decode wait with no prefill finished) is NaN, quietly
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(x, axis=0)
         se = np.where(R > 1, np.nanstd(x, axis=0, ddof=1) / np.sqrt(np.maximum(R, 1)), np.nan)
         half = stats.t.ppf(0.5 + confidence / 2, np.maximum(R - 1, 1)) * se
