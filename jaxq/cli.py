@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jaxq.bench", "measure simulation speed (engines, peers, scaling) and write a JSON record"),
     "sweep": ("jaxq.sweep.cli", "run a grid of scenarios x settings in batches, resumable, to CSV + manifest"),
     "reproduce": ("jaxq.experiments.reproduce", "reproduce one of the paper's experiments: data, figures, claims"),
+    "tune": ("jaxq.tune.cli", "tune policy parameters by gradient through the fluid model (optax)"),
 }
 
 
