@@ -123,12 +123,12 @@ def reproduce(out, settings, log):
                                 "levels_mean": {v: levels[v].mean(0) for v in VARIABLES}}
     out.table("window", window)
     out.table("trajectory", traj_rows)
-    _figures(out, scenario, lp, ns, times, fluid, per, lp_target)
     fluid_rounded = _fluid(scenario, "gate", times, n=ns[-1])  # mixed fraction M/n, not sum x*
+    _figures(out, scenario, lp, ns, times, fluid, per, lp_target, fluid_rounded)
     _claims(out, lp, ns, fluid, per, fluid_rounded)
 
 
-def _figures(out, scenario, lp, ns, times, fluid, per, lp_target):
+def _figures(out, scenario, lp, ns, times, fluid, per, lp_target, fluid_rounded):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +162,10 @@ def _figures(out, scenario, lp, ns, times, fluid, per, lp_target):
             ax.plot(times, series.sum(-1) if i is None else series[:, i], color=plt.cm.viridis(k / max(len(ns) - 1, 1)),
                     lw=1, label=f"n = {n}")
         f = fluid["gg-sp"][v]
-        ax.plot(times, f.sum(-1) if i is None else f[:, i], "k--", lw=1.2, label="fluid")
+        ax.plot(times, f.sum(-1) if i is None else f[:, i], "k--", lw=1.2, label="fluid, m = sum x*")
+        f = fluid_rounded[v]
+        ax.plot(times, f.sum(-1) if i is None else f[:, i], color="r", ls=":", lw=1.2,
+                label=f"fluid, m = M/n at n = {ns[-1]}")
         ax.set_title(label)
         ax.set_xlabel("t (s)")
     axes[0].set_ylabel("per GPU (replica mean)")
@@ -174,7 +177,7 @@ def _figures(out, scenario, lp, ns, times, fluid, per, lp_target):
     for policy, fig_name in (("gg-sp", "fig5-occupancy-greedy"), ("sli", "fig6-occupancy-randomized")):
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, v, label in zip(axes, ("x", "y_mixgroup", "y_sologroup"),
-                                ("prefill occupancy X_i / n", "decodes on G_mix per GPU", "decodes on G_solo per GPU")):
+                                ("prefill occupancy X_i / n", "decodes on G_mix / n", "decodes on G_solo / n")):
             for k, n in enumerate(ns):
                 c = plt.cm.viridis(k / max(len(ns) - 1, 1))
                 series = per[(policy, n)]["levels_mean"][v]
@@ -183,11 +186,12 @@ def _figures(out, scenario, lp, ns, times, fluid, per, lp_target):
             for i, ls in ((0, "-"), (1, ":")):
                 ax.axhline(lp_target[v][i], color="r", ls=ls, lw=1.2, alpha=0.8,
                            label=f"LP target, class {i}" if v == "x" else None)
-            ax.set_title(label + "  (solid: class 0, dotted: class 1)", fontsize=9)
+            ax.set_title(label, fontsize=10)
             ax.set_xlabel("t (s)")
         axes[0].legend(fontsize=7)
         router = POLICIES[policy][0]
-        fig.suptitle(f"{'Fig 5' if router == 'greedy' else 'Fig 6'}: occupancies under the {router} router ({policy})")
+        fig.suptitle(f"{'Fig 5' if router == 'greedy' else 'Fig 6'}: occupancies under the {router} router ({policy}); "
+                     "replica means, solid: class 0, dotted: class 1")
         out.figure(fig_name, fig)
 
 
