@@ -22,30 +22,44 @@ from .state import PolicyTargets, SimParams, SimSpec
 _PLANNING_OBJECTIVE = {"priority": "separate"}
 
 
-ENGINES = ("exact", "stepped")
+ENGINES = ("exact", "stepped", "general")
 
 
-def single_runner(engine: str = "exact", dt: float | None = None):
+def single_runner(engine: str = "exact", dt: float | None = None, service=None):
     """The one-replica simulator of an engine: ``fn(key, params, spec, policy, record_times=None) ->
     (final_state, trajectory)``. "exact" is the event-by-event CTMC; "stepped" the time-stepped
-    approximation with step ``dt`` (None: its documented default). Batch it with ``vmap``."""
-    if engine == "exact":
-        if dt is not None:
-            raise ValueError(f"invalid field 'dt': only the 'stepped' engine takes a step, got dt={dt!r}")
-        return _exact.run_single
-    if engine == "stepped":
-        from . import stepped
+    approximation with step ``dt`` (None: its documented default); "general" the event-by-event engine
+    with prompt and output lengths of law ``service`` (a :class:`jaxq.sim.general.ServiceLaw` or a law
+    name; see :mod:`jaxq.sim.general`; its spec should be a ``GeneralSpec``). "exact" and "stepped"
+    take only exponential service. Batch it with ``vmap``."""
+    if engine not in ENGINES:
+        raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dt is not None and engine != "stepped":
+        raise ValueError(f"invalid field 'dt': only the 'stepped' engine takes a step, got dt={dt!r}")
+    if engine == "general":
+        from . import general
 
-        return functools.partial(stepped.run_single, dt=stepped.DEFAULT_DT if dt is None else float(dt))
-    raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
+        return functools.partial(general.run_single, law=general.ServiceLaw.of(service))
+    if service is not None:
+        from .general import ServiceLaw
+
+        if not ServiceLaw.of(service).is_exponential:
+            raise ValueError(f"invalid field 'service': the {engine!r} engine simulates exponential prompt and "
+                             f"output lengths only (use engine 'general'), got {service!r}")
+    if engine == "exact":
+        return _exact.run_single
+    from . import stepped
+
+    return functools.partial(stepped.run_single, dt=stepped.DEFAULT_DT if dt is None else float(dt))
 
 
 @functools.cache
-def _sharded(engine: str, dt: float | None, spec: SimSpec, policy: AbstractPolicy, record_times, devices: tuple):
-    """One jitted program per (engine, shapes, devices): replicas split over a one-axis mesh with
-    ``shard_map``, each device running its own loop over its share (no communication inside: a plain
+def _sharded(engine: str, dt: float | None, spec: SimSpec, policy: AbstractPolicy, record_times, devices: tuple,
+             service=None):
+    """One jitted program per (engine, shapes, devices, service law): replicas split over a one-axis mesh
+    with ``shard_map``, each device running its own loop over its share (no communication inside: a plain
     jit of sharded inputs would synchronise the devices on the loop condition every step)."""
-    single = single_runner(engine, dt)
+    single = single_runner(engine, dt, service)
 
     def local(keys, params):
         return jax.vmap(lambda k: single(k, params, spec, policy, record_times))(keys)
@@ -58,14 +72,19 @@ def _sharded(engine: str, dt: float | None, spec: SimSpec, policy: AbstractPolic
 
 
 def run_replicas(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy, *, engine: str = "exact",
-                 dt: float | None = None, record_times=None, devices=None):
+                 dt: float | None = None, record_times=None, devices=None, service=None):
     """Final states (and trajectories) of ``len(keys)`` replicas, sharded over ``devices`` (default: all
     local devices; on a CPU, ``jaxq`` commands make one per core). The replica count is padded up to a
     multiple of the device count with extra keys whose results are dropped; each replica's result
-    depends only on its key, so it is the same on any number of devices."""
+    depends only on its key, so it is the same on any number of devices. ``service`` is the law of the
+    "general" engine (a plain ``spec`` gets its ``max_batch`` from ``params.model.B``)."""
     devices = tuple(jax.local_devices() if devices is None else devices)
     record_times = None if record_times is None else tuple(float(t) for t in record_times)
-    fn = _sharded(engine, dt, spec, policy, record_times, devices)
+    if engine == "general":
+        from .general import ServiceLaw, as_general_spec
+
+        spec, service = as_general_spec(spec, params), ServiceLaw.of(service)
+    fn = _sharded(engine, dt, spec, policy, record_times, devices, service)
     R = keys.shape[0]
     pad = -R % len(devices)
     if pad:
@@ -93,6 +112,7 @@ class SimulationResult:
     status: dict[str, int]
     state: object  # batched final SimState
     trajectory: object | None
+    service: object = None  # the ServiceLaw of the "general" engine (None for the exponential engines)
 
 
 def make_params(scenario: Scenario, policy: AbstractPolicy | str, n: int, horizon: float, warmup: float,
@@ -111,7 +131,7 @@ def make_params(scenario: Scenario, policy: AbstractPolicy | str, n: int, horizo
 def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | None = None, replicas: int = 16,
         horizon: float = 1000.0, warmup: float | None = None, seed: int = 0, room: int | None = None,
         convention: str = "B", dtype: str = "float64", record_times=None, engine: str = "exact",
-        dt: float | None = None, lp_solution=None) -> SimulationResult:
+        dt: float | None = None, lp_solution=None, service="exponential") -> SimulationResult:
     """Simulate ``replicas`` independent copies from an empty cluster and summarise them.
 
     ``warmup`` defaults to 20% of the horizon. ``room`` (waiting-room cells per class) defaults to
@@ -120,8 +140,21 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     ``engine`` is "exact" (event by event) or "stepped" (time steps of ``dt``; see
     :mod:`jaxq.sim.stepped` and docs/time-stepped.md for its measured bias). ``lp_solution`` plans the
     policy from a given LP solution (for example an SLI-constrained one from :func:`jaxq.lp.solve_sli`)
-    instead of the policy's own LP.
+    instead of the policy's own LP. ``service`` is the law of the prompt and output lengths (a
+    :class:`jaxq.sim.general.ServiceLaw` or "exponential", "deterministic", "lognormal"): a
+    non-exponential law runs the "general" engine (:mod:`jaxq.sim.general`; engine "exact" switches to
+    it, "stepped" refuses); engine "general" may also be asked for by name.
     """
+    from .general import GeneralSpec, ServiceLaw
+
+    law = ServiceLaw.of(service)
+    if engine not in ENGINES:
+        raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not law.is_exponential:
+        if engine == "stepped":
+            raise ValueError(f"invalid field 'service': the stepped engine simulates exponential lengths only "
+                             f"(use engine 'exact' or 'general'), got {law.label()!r}")
+        engine = "general"
     pol = get_policy(policy) if isinstance(policy, str) else policy
     n = scenario.cluster.n if n is None else n
     warmup = 0.2 * horizon if warmup is None else warmup
@@ -135,16 +168,20 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     params, lp, plan = make_params(scenario, pol, n, horizon, warmup, lp_solution=lp_solution)
     spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
                    convention=convention, dtype=dtype)
+    if engine == "general":
+        spec = GeneralSpec.from_spec(spec, scenario.cluster.B)
     keys = jax.random.split(jax.random.key(seed), replicas)
     if engine == "stepped":
         from . import stepped
 
         dt = float(stepped.DEFAULT_DT if dt is None else dt)
         stepped.check_dt(params.model, dt)
-    state, traj = run_replicas(keys, params, spec, pol, engine=engine, dt=dt, record_times=record_times)
+    state, traj = run_replicas(keys, params, spec, pol, engine=engine, dt=dt, record_times=record_times,
+                               service=law if engine == "general" else None)
     metrics = replica_metrics(state, scenario, n, horizon, warmup)
     return SimulationResult(
         scenario=scenario, policy=pol.name, engine=engine, dt=dt, n=n, horizon=horizon, warmup=warmup, replicas=replicas,
         lp_value=lp.value, num_mixed=plan.num_mixed, metrics=metrics, summary=summarize(metrics),
         status=status_report(state.status), state=state, trajectory=traj,
+        service=law if engine == "general" else None,
     )

@@ -40,14 +40,25 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--convention", choices=["A", "B"], default="B",
                         help="decode speed on mixed GPUs: B = mu_m only while a prefill runs (paper), A = always")
-    parser.add_argument("--engine", choices=["exact", "stepped"], default="exact",
-                        help="exact (event by event, default) or stepped (time steps of --dt; docs/time-stepped.md)")
+    parser.add_argument("--engine", choices=["exact", "stepped", "general"], default="exact",
+                        help="exact (event by event, default), stepped (time steps of --dt; docs/time-stepped.md) "
+                             "or general (event by event with per-job work; any --service)")
     parser.add_argument("--dt", type=float, default=None, help="step of the stepped engine in s (default 0.02)")
+    parser.add_argument("--service", choices=["exponential", "deterministic", "lognormal"], default="exponential",
+                        help="law of the prompt and output lengths, with the scenario's means (default exponential, "
+                             "the paper's model); a non-exponential law runs the general engine")
+    parser.add_argument("--service-cv", type=float, default=1.0,
+                        help="coefficient of variation of lognormal lengths (default 1)")
 
 
 def format_result(res) -> str:
     names = res.scenario.classes.names
-    engine = res.engine if res.engine == "exact" else f"{res.engine}, dt = {res.dt:g} s"
+    if res.engine == "stepped":
+        engine = f"{res.engine}, dt = {res.dt:g} s"
+    elif res.engine == "general":
+        engine = f"{res.engine} ({res.service.label()} lengths)"
+    else:
+        engine = res.engine
     lines = [f"{res.scenario.name}: policy {res.policy}, n = {res.n} (M = {res.num_mixed} mixed), "
              f"{res.replicas} replicas, horizon {res.horizon:g} s, warm-up {res.warmup:g} s, {engine} engine",
              f"LP optimum R* = {res.lp_value:.4f}; values are means ± 95% CI half-width over replicas"]
@@ -65,11 +76,18 @@ def format_result(res) -> str:
     return "\n".join(lines)
 
 
+def _service(args):
+    from .general import ServiceLaw
+
+    return ServiceLaw.of(args.service, args.service_cv)
+
+
 def run(args) -> int:
     scenario = load_scenario(args.scenario)
     t0 = time.perf_counter()
     res = run_simulation(scenario, args.policy, n=args.n, replicas=args.replicas, horizon=args.horizon,
-              warmup=args.warmup, seed=args.seed, convention=args.convention, engine=args.engine, dt=args.dt)
+              warmup=args.warmup, seed=args.seed, convention=args.convention, engine=args.engine, dt=args.dt,
+              service=_service(args))
     elapsed = time.perf_counter() - t0
     print(format_result(res))
     totals = np.asarray(res.state.totals)  # arrivals, completions, abandonments: the same count for both engines
