@@ -23,3 +23,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _mapped_regions() -> int:
+    try:
+        with open("/proc/self/maps") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return -1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs(request):
+    """Drop every compiled program after each test module. A serial run of the whole suite otherwise
+    keeps hundreds of XLA:CPU executables alive in one process, each with its own memory mappings, and
+    the compiler crashed with a segmentation fault late in such a run (never in a module run alone).
+    ``JAXQ_TEST_MAPS=FILE`` appends each module's mapping count before and after, for diagnosis."""
+    yield
+    before = _mapped_regions()
+    jax.clear_caches()
+    log = os.environ.get("JAXQ_TEST_MAPS")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{request.module.__name__} {before} {_mapped_regions()}\n")
