@@ -395,6 +395,12 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     sim = _Sim(spec, policy)
     arrival_key, service_key = jax.random.split(key)
     state = init_state(spec, params, arrival_key, spec.num_buffers, policy.partitioned)
+    return drive(sim, (arrival_key, service_key), params, state, record_times, events_per_iteration)
+
+
+def drive(sim, keys, params: SimParams, state, record_times=None, events_per_iteration: int = 1):
+    """Run ``sim.step`` from ``state`` to the horizon (stopping at each recording time to read
+    ``sim.levels``) and flag a replica that ran out of steps. Shared by every event-by-event engine."""
 
     def run_to(state, seg_end):
         def cond(s):
@@ -403,7 +409,7 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
         def body(s):
             # several events per loop iteration (the unrolled copies after a stop are masked no-ops)
             for _ in range(events_per_iteration):
-                s = sim.step((arrival_key, service_key), params, s, seg_end)
+                s = sim.step(keys, params, s, seg_end)
             return s
 
         return jax.lax.while_loop(cond, body, state)

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key
 
-from .engine import _count, _push, _remove, _Sim, _slow, _weighted_index
+from .engine import _count, _push, _remove, _Sim, _slow, _weighted_index, drive
 from .engine import init_state as _exact_init_state
 from .state import (
     ABANDON_DECODE,
@@ -68,7 +68,6 @@ from .state import (
     CAPACITY_VIOLATED,
     DECODE_DONE,
     DECODE_STARTED,
-    MAX_STEPS,
     NONFINITE,
     PREFILL_DONE,
     WAITED,
@@ -402,31 +401,7 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     arrival_key, service_key = jax.random.split(key)  # the exact engine's split: common arrivals
     length_key = jax.random.fold_in(service_key, 2**31 - 1)
     state = init_state(spec, params, arrival_key, length_key, spec.num_buffers, policy.partitioned)
-
-    def run_to(state, seg_end):
-        def cond(s):
-            return (s.t < seg_end) & (s.step < params.max_steps) & (s.status & NONFINITE == 0)
-
-        def body(s):
-            for _ in range(events_per_iteration):
-                s = sim.step((arrival_key, service_key), params, s, seg_end)
-            return s
-
-        return jax.lax.while_loop(cond, body, state)
-
-    if record_times is None:
-        state = run_to(state, params.horizon)
-        trajectory = None
-    else:
-        def seg(state, t_rec):
-            state = run_to(state, t_rec)
-            return state, sim.levels(state)
-
-        state, trajectory = jax.lax.scan(seg, state, jnp.asarray(record_times, jnp.float64))
-        state = run_to(state, params.horizon)
-    hit_max = (state.step >= params.max_steps) & (state.t < params.horizon)
-    state = eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(hit_max, MAX_STEPS, 0))
-    return state, trajectory
+    return drive(sim, (arrival_key, service_key), params, state, record_times, events_per_iteration)
 
 
 @eqx.filter_jit
