@@ -279,6 +279,20 @@ class _Sim(eqx.Module):
         state = _count(state, LOST, cls, post, lost)
         return eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(lost, OVERFLOW, 0))
 
+    def arrive(self, arrival_key, m, state, cls_arrival, t_arrival, post, arrive):
+        """Apply an arrival of class ``cls_arrival`` (where ``arrive``) and draw that class's next one
+        from its own stream: the k-th gap of class c comes from ``fold_in(arrival_key, c, k)``, so every
+        policy and engine on one key sees the same arrivals (common random numbers)."""
+        state = _count(state, ARRIVED, cls_arrival, post, arrive)
+        queue, q_p, lost = _push(state.queue, state.q_p, cls_arrival, state.t, arrive)
+        state = self._lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls_arrival, post, lost)
+        index = state.totals[ARRIVED, cls_arrival]
+        key = jax.random.fold_in(jax.random.fold_in(arrival_key, cls_arrival), index)
+        gap = jax.random.exponential(key, dtype=m.lam.dtype)
+        nxt = state.t + (gap / (self.spec.num_gpus * m.lam[cls_arrival])).astype(jnp.float64)
+        return eqx.tree_at(lambda s: s.next_arrival, state,
+                           state.next_arrival.at[cls_arrival].set(jnp.where(arrive, nxt, t_arrival)))
+
     # -- one step --------------------------------------------------------------------------------
     def step(self, keys, params, state, seg_end):
         spec = self.spec
@@ -308,14 +322,7 @@ class _Sim(eqx.Module):
 
         # -- an arrival (own stream) ------------------------------------------------------------
         arrive = live & is_arrival
-        state = _count(state, ARRIVED, cls_arrival, post, arrive)
-        queue, q_p, lost = _push(state.queue, state.q_p, cls_arrival, state.t, arrive)
-        state = self._lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls_arrival, post, lost)
-        index = state.totals[ARRIVED, cls_arrival]
-        gap = jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, cls_arrival), index), dtype=dtype)
-        nxt = state.t + (gap / (spec.num_gpus * m.lam[cls_arrival])).astype(jnp.float64)
-        state = eqx.tree_at(lambda s: s.next_arrival, state,
-                            state.next_arrival.at[cls_arrival].set(jnp.where(arrive, nxt, t_arrival)))
+        state = self.arrive(arrival_key, m, state, cls_arrival, t_arrival, post, arrive)
 
         # -- otherwise a state-dependent event: kind and class from O(I) rates, GPU from one O(n) pass
         other = live & ~is_arrival

@@ -58,13 +58,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key
 
-from .engine import _count, _push, _remove, _Sim, _slow, _weighted_index, drive
+from .engine import _count, _remove, _Sim, _slow, _weighted_index, drive
 from .engine import init_state as _exact_init_state
 from .state import (
     ABANDON_DECODE,
     ABANDON_PREFILL,
     ADMITTED,
-    ARRIVED,
     CAPACITY_VIOLATED,
     DECODE_DONE,
     DECODE_STARTED,
@@ -289,7 +288,7 @@ class _GeneralSim(_Sim):
     # -- one step --------------------------------------------------------------------------------
     def step(self, keys, params, state, seg_end):
         spec = self.spec
-        num, n = spec.num_classes, spec.num_gpus
+        num = spec.num_classes
         arrival_key, service_key = keys
         key = jax.random.fold_in(service_key, state.step)
         k_decide, k_rand = jax.random.split(key)
@@ -325,14 +324,7 @@ class _GeneralSim(_Sim):
 
         # -- an arrival (own stream, exactly as the exact engine) -------------------------------
         arrive = live & is_arrival
-        state = _count(state, ARRIVED, cls_arrival, post, arrive)
-        queue, q_p, lost = _push(state.queue, state.q_p, cls_arrival, state.t, arrive)
-        state = self._lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls_arrival, post, lost)
-        index = state.totals[ARRIVED, cls_arrival]
-        gap = jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, cls_arrival), index), dtype=dtype)
-        nxt = state.t + (gap / (n * m.lam[cls_arrival])).astype(jnp.float64)
-        state = eqx.tree_at(lambda s: s.next_arrival, state,
-                            state.next_arrival.at[cls_arrival].set(jnp.where(arrive, nxt, t_arrival)))
+        state = self.arrive(arrival_key, m, state, cls_arrival, t_arrival, post, arrive)
 
         # -- an abandonment: kind and class by rate, then a uniformly chosen waiting job -----------
         abandon = live & ~is_arrival & ~is_done
