@@ -93,6 +93,7 @@ class Output:
         self.numbers: dict[str, object] = {}
         self.t0 = time.perf_counter()
         self.started = _now()
+        self._static = _run_facts()  # versions, device, commit: fixed for the run, read once
         self._write_manifest(complete=False)
 
     # -- writing ----------------------------------------------------------------------------------
@@ -145,11 +146,6 @@ class Output:
         self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool) -> Path:
-        import jax
-
-        from ..sweep.outputs import _versions, git_commit
-
-        dev = jax.devices()
         manifest = {
             "experiment": self.experiment,
             "size": self.size,
@@ -158,9 +154,7 @@ class Output:
             "files": self.files,
             "numbers": self.numbers,
             "claims": [dataclasses.asdict(c) for c in self.claims],
-            "versions": _versions(),
-            "device": {"kind": dev[0].device_kind, "platform": dev[0].platform, "count": len(dev)},
-            "git_commit": git_commit(),
+            **self._static,
             "started_at": self.started,
             "finished_at": _now() if complete else None,
             "wall_s": round(time.perf_counter() - self.t0, 2),
@@ -168,6 +162,16 @@ class Output:
         path = self.dir / "manifest.json"
         _atomic_write(path, (json.dumps(manifest, indent=2, default=_jsonable) + "\n").encode())
         return path
+
+
+def _run_facts() -> dict:
+    import jax
+
+    from ..sweep.outputs import _versions, git_commit
+
+    dev = jax.devices()
+    return {"versions": _versions(), "device": {"kind": dev[0].device_kind, "platform": dev[0].platform,
+                                                "count": len(dev)}, "git_commit": git_commit()}
 
 
 def _cell(v):
