@@ -32,8 +32,11 @@ import jax.numpy as jnp
 from ..sim.state import MIXED, SOLO, PolicyTargets, View
 
 
-def uniform_choice(key, mask):
-    """Index of a uniformly random True entry of ``mask`` (-1 if none). O(len(mask))."""
+def uniform_choice(key, mask, weight=None):
+    """Index of a uniformly random True entry of ``mask`` (-1 if none). O(len(mask)). With ``weight``
+    (a count of GPUs per entry, :attr:`View.weight`), a uniform GPU among the entries' GPUs: entry j
+    with probability proportional to mask_j x weight_j."""
+    mask = mask.astype(jnp.int32) if weight is None else jnp.where(mask, weight, 0).astype(jnp.int32)
     count = jnp.sum(mask, dtype=jnp.int32)
     k = jnp.floor(jax.random.uniform(key) * count).astype(jnp.int32)
     k = jnp.minimum(k, count - 1)
@@ -77,7 +80,7 @@ class AbstractPolicy(eqx.Module):
 
     def prefill_gpu(self, key, view: View, targets: PolicyTargets, cls):
         """Uniformly at random among the GPUs that can start a prefill [RECON: the paper is silent]."""
-        return uniform_choice(key, view.idle_prefill)
+        return uniform_choice(key, view.idle_prefill, view.weight)
 
     @abc.abstractmethod
     def route(self, key, view: View, targets: PolicyTargets, cls, origin):
@@ -118,11 +121,11 @@ def greedy_route(key, view: View):
     """MODEL.md §5.1 decode router: a G_solo GPU with a free slot (uniformly), else a G_mix GPU with a
     free decode slot (uniformly), else the single FCFS buffer 0."""
     k_solo, k_mix = jax.random.split(key)
-    solo = uniform_choice(k_solo, (view.group == SOLO) & (view.free_decode > 0))
-    mixed = uniform_choice(k_mix, (view.group == MIXED) & (view.free_decode > 0))
+    solo = uniform_choice(k_solo, (view.group == SOLO) & (view.free_decode > 0), view.weight)
+    mixed = uniform_choice(k_mix, (view.group == MIXED) & (view.free_decode > 0), view.weight)
     return jnp.where(solo >= 0, solo, mixed), jnp.int32(0)
 
 
 def any_free_route(key, view: View):
     """Uniformly among all GPUs with a free slot, else buffer 0."""
-    return uniform_choice(key, view.free_decode > 0), jnp.int32(0)
+    return uniform_choice(key, view.free_decode > 0, view.weight), jnp.int32(0)

@@ -121,7 +121,7 @@ class SLIGateAndRoute(AbstractPolicy):
         # a buffer head keeps the group of its buffer: 0 -> solo, 1 -> mixed
         to_solo = jnp.where(origin >= 0, origin == 0, to_solo)
         group = jnp.where(to_solo, SOLO, MIXED)
-        gpu = uniform_choice(k_gpu, (view.group == group) & (view.free_decode > 0))
+        gpu = uniform_choice(k_gpu, (view.group == group) & (view.free_decode > 0), view.weight)
         return gpu, jnp.where(to_solo, 0, 1).astype(jnp.int32)
 
     def buffer_has_slot(self, view, targets, b):

@@ -22,13 +22,14 @@ from .state import PolicyTargets, SimParams, SimSpec
 _PLANNING_OBJECTIVE = {"priority": "separate"}
 
 
-ENGINES = ("exact", "stepped", "general")
+ENGINES = ("exact", "stepped", "general", "population")
 
 
 def single_runner(engine: str = "exact", dt: float | None = None, service=None):
     """The one-replica simulator of an engine: ``fn(key, params, spec, policy, record_times=None) ->
     (final_state, trajectory)``. "exact" is the event-by-event CTMC; "stepped" the time-stepped
-    approximation with step ``dt`` (None: its documented default); "general" the event-by-event engine
+    approximation with step ``dt`` (None: its documented default); "population" the exact CTMC with
+    GPUs counted by configuration (:mod:`jaxq.sim.population`); "general" the event-by-event engine
     with prompt and output lengths of law ``service`` (a :class:`jaxq.sim.general.ServiceLaw` or a law
     name; see :mod:`jaxq.sim.general`; its spec should be a ``GeneralSpec``). "exact" and "stepped"
     take only exponential service. Batch it with ``vmap``."""
@@ -48,6 +49,10 @@ def single_runner(engine: str = "exact", dt: float | None = None, service=None):
                              f"output lengths only (use engine 'general'), got {service!r}")
     if engine == "exact":
         return _exact.run_single
+    if engine == "population":
+        from . import population
+
+        return population.run_single
     from . import stepped
 
     return functools.partial(stepped.run_single, dt=stepped.DEFAULT_DT if dt is None else float(dt))
@@ -80,10 +85,11 @@ def run_replicas(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy,
     "general" engine (a plain ``spec`` gets its ``max_batch`` from ``params.model.B``)."""
     devices = tuple(jax.local_devices() if devices is None else devices)
     record_times = None if record_times is None else tuple(float(t) for t in record_times)
-    if engine == "general":
+    if engine in ("general", "population"):  # both fix B as a shape
         from .general import ServiceLaw, as_general_spec
 
-        spec, service = as_general_spec(spec, params), ServiceLaw.of(service)
+        spec = as_general_spec(spec, params)
+        service = ServiceLaw.of(service) if engine == "general" else None
     fn = _sharded(engine, dt, spec, policy, record_times, devices, service)
     R = keys.shape[0]
     pad = -R % len(devices)
@@ -137,8 +143,10 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     ``warmup`` defaults to 20% of the horizon. ``room`` (waiting-room cells per class) defaults to
     1.25 x max_i n lam_i / theta_i + 64: a queue nobody serves is Poisson(n lam / theta), so this
     holds it with room to spare; a full room still never drops silently (``lost`` and a status bit).
-    ``engine`` is "exact" (event by event) or "stepped" (time steps of ``dt``; see
-    :mod:`jaxq.sim.stepped` and docs/time-stepped.md for its measured bias). ``lp_solution`` plans the
+    ``engine`` is "exact" (event by event), "population" (the same CTMC with GPUs counted by
+    configuration: its cost per event does not grow with n; see :mod:`jaxq.sim.population`) or
+    "stepped" (time steps of ``dt``; see :mod:`jaxq.sim.stepped` and docs/time-stepped.md for its
+    measured bias). ``lp_solution`` plans the
     policy from a given LP solution (for example an SLI-constrained one from :func:`jaxq.lp.solve_sli`)
     instead of the policy's own LP. ``service`` is the law of the prompt and output lengths (a
     :class:`jaxq.sim.general.ServiceLaw` or "exponential", "deterministic", "lognormal"): a
@@ -151,8 +159,8 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     if engine not in ENGINES:
         raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not law.is_exponential:
-        if engine == "stepped":
-            raise ValueError(f"invalid field 'service': the stepped engine simulates exponential lengths only "
+        if engine in ("stepped", "population"):
+            raise ValueError(f"invalid field 'service': the {engine} engine simulates exponential lengths only "
                              f"(use engine 'exact' or 'general'), got {law.label()!r}")
         engine = "general"
     pol = get_policy(policy) if isinstance(policy, str) else policy
@@ -168,7 +176,7 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     params, lp, plan = make_params(scenario, pol, n, horizon, warmup, lp_solution=lp_solution)
     spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
                    convention=convention, dtype=dtype)
-    if engine == "general":
+    if engine in ("general", "population"):
         spec = GeneralSpec.from_spec(spec, scenario.cluster.B)
     keys = jax.random.split(jax.random.key(seed), replicas)
     if engine == "stepped":

@@ -40,9 +40,10 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--convention", choices=["A", "B"], default="B",
                         help="decode speed on mixed GPUs: B = mu_m only while a prefill runs (paper), A = always")
-    parser.add_argument("--engine", choices=["exact", "stepped", "general"], default="exact",
-                        help="exact (event by event, default), stepped (time steps of --dt; docs/time-stepped.md) "
-                             "or general (event by event with per-job work; any --service)")
+    parser.add_argument("--engine", choices=["exact", "stepped", "general", "population"], default="exact",
+                        help="exact (event by event, default), stepped (time steps of --dt; docs/time-stepped.md), "
+                             "general (event by event with per-job work; any --service) or population (exact, "
+                             "GPUs counted by configuration: cost independent of n; docs/simulation.md)")
     parser.add_argument("--dt", type=float, default=None, help="step of the stepped engine in s (default 0.02)")
     parser.add_argument("--service", choices=["exponential", "deterministic", "lognormal"], default="exponential",
                         help="law of the prompt and output lengths, with the scenario's means (default exponential, "

@@ -76,7 +76,8 @@ def make_view(spec: SimSpec, params: SimParams, state: SimState) -> View:
     return View(
         n=spec.num_gpus, B=params.model.B, group=group, prefill_class=state.prefill_class,
         decodes=state.decodes, free_decode=cap - state.ndec, idle_prefill=idle, X=state.X,
-        q_p=state.q_p, queue_head=state.queue[:, 0], q_d=state.q_d, buffer_head=state.buffers[:, :, 0],
+        q_p=state.q_p, queue_head=_heads(state.queue, state.q_p), q_d=state.q_d,
+        buffer_head=_heads(state.buffers, state.q_d),
     )
 
 
@@ -96,11 +97,31 @@ def _count(state: SimState, row, cls, post, do) -> SimState:
 # Waiting rooms: per class, entry times sorted ascending in a compacted prefix of length count, +inf
 # after it. Entries arrive in time order, so a push appends; a removal shifts the suffix left. The head
 # (oldest) is column 0 and the count is stored, so reading a room is O(1).
+#
+# The entry times serve one purpose: FCFS *across* classes (which class's head is oldest). With one
+# class there is nothing to order (and abandonment, memoryless, needs no ages), so a one-class model
+# keeps rooms of width 0: the counts alone, no capacity, never a lost job, and no O(room) shift per
+# removal (most of an event's cost on a small cluster).
+
+def room_width(spec) -> int:
+    """Entry-time cells per class: ``spec.room``, or 0 (counts only) for a one-class model."""
+    return 0 if spec.num_classes == 1 else spec.room
+
+
+def _heads(room, count):
+    """Entry time of each class's oldest waiting job (+inf if none). A width-0 room has no ages: its
+    classes (one) are ordered by nothing, so any finite value marks a non-empty room."""
+    if room.shape[-1] == 0:
+        return jnp.where(count > 0, 0.0, jnp.inf).astype(room.dtype)
+    return room[..., 0]
+
 
 def _push(room, count, cls, time, do):
     """Append to ``room[cls]``; returns (room, count, lost) where lost means the room was full."""
     c = jnp.maximum(cls, 0)
     do = do & (cls >= 0)
+    if room.shape[-1] == 0:
+        return room, count.at[c].add(do.astype(_I32)), jnp.zeros((), bool)
     full = count[c] >= room.shape[-1]
     ok = do & ~full
     pos = jnp.minimum(count[c], room.shape[-1] - 1)
@@ -112,6 +133,8 @@ def _remove(room, count, cls, pos, do):
     """Remove entry ``pos`` of ``room[cls]`` (0 = head), closing the gap."""
     c = jnp.maximum(cls, 0)
     do = do & (cls >= 0)
+    if room.shape[-1] == 0:
+        return room, count.at[c].add(-do.astype(_I32))
     row = room[c]
     shifted = jnp.concatenate([row[1:], jnp.full((1,), jnp.inf, row.dtype)])
     row = jnp.where(do & (jnp.arange(row.shape[0]) >= pos), shifted, row)
@@ -340,10 +363,7 @@ class _Sim(eqx.Module):
         state = _count(state, ABANDON_PREFILL, c, post, other & (kind == 0))
         state = _count(state, ABANDON_DECODE, c, post, other & (kind == 1))
         # completions: the GPU in proportion to its share of the chosen kind's rate
-        slow = _slow(spec, state.group, state.prefill_class)
-        weights = jnp.where(kind == 2, (state.prefill_class == c).astype(_I32),
-                            state.decodes[:, c] * (slow == (kind == 3)))
-        g = _weighted_index(u[3], weights)
+        g = _weighted_index(u[3], self.completion_weights(state, kind, c))
         prefill_done = other & (kind == 2)
         state, pending_cls = self.finish_prefill(state, g, prefill_done)
         state = _count(state, PREFILL_DONE, c, post, prefill_done)
@@ -352,12 +372,23 @@ class _Sim(eqx.Module):
         state = _count(state, DECODE_DONE, c, post, decode_done)
 
         pending_cls = jnp.where(prefill_done, pending_cls, -1)
-        state = self.decide(k_decide, params, state, pending_cls, g, post, live)
+        state = self.decide(k_decide, params, state, pending_cls, self.gpu_after_prefill(g), post, live)
         # an arrival waited iff its class's queue grew (FCFS within class: it is the tail)
         state = _count(state, WAITED, cls_arrival, post, arrive & (state.q_p[cls_arrival] > waiting_before))
         bad = ~jnp.isfinite(t_next) & live
         return eqx.tree_at(lambda s: (s.step, s.status), state,
                            (state.step + 1, state.status | jnp.where(bad, NONFINITE, 0)))
+
+    def completion_weights(self, state, kind, c):
+        """Each GPU's share of the chosen completion's rate: its class-c prefill (kind 2) or its class-c
+        decodes at mu_m (kind 3) or at mu_s (kind 4)."""
+        slow = _slow(self.spec, state.group, state.prefill_class)
+        return jnp.where(kind == 2, (state.prefill_class == c).astype(_I32),
+                         state.decodes[:, c] * (slow == (kind == 3)))
+
+    def gpu_after_prefill(self, g):
+        """The index of GPU g once its prefill finished (the same GPU here; a configuration changes)."""
+        return g
 
     def integrate(self, params, state, t_new):
         lo = jnp.maximum(state.t, params.warmup)
@@ -373,7 +404,7 @@ class _Sim(eqx.Module):
 
 
 def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int, partitioned: bool = True) -> SimState:
-    num, n, K = spec.num_classes, spec.num_gpus, spec.room
+    num, n, K = spec.num_classes, spec.num_gpus, room_width(spec)
     first = jax.vmap(lambda c: jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, c), 0)))(
         jnp.arange(num))
     zeros = jnp.zeros((NUM_COUNTERS, num), _I32)

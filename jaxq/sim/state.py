@@ -50,7 +50,8 @@ class SimSpec:
     """Static shape and semantics constants.
 
     num_classes, num_gpus: I and n.
-    room: capacity of each per-class waiting room (prefill queue, each decode buffer).
+    room: capacity of each per-class waiting room (prefill queue, each decode buffer). A one-class
+        model keeps no entry times (nothing to order across classes): its rooms are counts, unbounded.
     num_buffers: decode buffers (1 shared FCFS buffer; 2 for the SLI router's solo/mixed buffers).
     convention: "B" (paper eqs. 18-19: a decode runs at mu_m while its GPU runs a prefill) or "A"
         (decodes on mixed-group GPUs always at mu_m, on solo-group GPUs at mu_s).
@@ -143,6 +144,9 @@ class View(eqx.Module):
     queue_head: Float[Array, " I"]  # entry time of each class's oldest waiting prefill job (+inf)
     q_d: Int[Array, "NB I"]
     buffer_head: Float[Array, "NB I"]
+    # GPUs behind each row: None when a row is one GPU (the per-GPU engines); the population engine's
+    # rows are GPU configurations, and a uniform choice among GPUs weighs each row by its count
+    weight: Int[Array, " n"] | None = None
 
 
 def gpu_groups(params: "SimParams", n: int, partitioned: bool):

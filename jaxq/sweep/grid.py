@@ -40,7 +40,7 @@ from ..model.config import load_scenario
 from ..model.scenario import Cluster, IterationTime, JobClasses, Pricing, Scenario
 from ..policies import POLICIES, get_policy
 
-ENGINES = ("exact", "stepped")
+ENGINES = ("exact", "stepped", "population")
 
 # Run settings with their defaults. None for room means: the smallest waiting room that holds every point
 # of the point's shape group (see _default_rooms); for warmup, 20% of the horizon; for dt, the stepped
@@ -108,9 +108,9 @@ def _check_run(where: str, s: dict) -> dict:
     s["policy"] = s["policy"].lower()
     if s["engine"] not in ENGINES:
         raise _fail(where, "engine", "one of " + ", ".join(ENGINES), s["engine"])
-    if s["engine"] == "exact":
+    if s["engine"] in ("exact", "population"):
         if s["dt"] is not None:
-            raise _fail(where, "dt", "absent for the exact engine (only 'stepped' takes a step)", s["dt"])
+            raise _fail(where, "dt", f"absent for the {s['engine']} engine (only 'stepped' takes a step)", s["dt"])
     else:
         if s["dt"] is None:
             try:
@@ -229,10 +229,13 @@ class Point:
 
     def static_key(self) -> tuple:
         """Everything that fixes shapes or the compiled program: points agreeing on it share one compile.
-        The exact engine's horizon is a loop bound in params; the stepped engine may unroll it statically."""
+        The event engines' horizon is a loop bound in params; the stepped engine may unroll it statically.
+        The population engine's configurations are shaped by B."""
         s = self.settings
+        event = s["engine"] in ("exact", "population")
         return (s["engine"], s["dt"], s["policy"], self.scenario.num_classes, s["n"], s["room"], s["convention"],
-                s["dtype"], s["replicas"], None if s["engine"] == "exact" else s["horizon"])
+                s["dtype"], s["replicas"], None if event else s["horizon"],
+                int(self.scenario.cluster.B) if s["engine"] == "population" else None)
 
     def label(self, axes=None) -> str:
         axes = {k: self.values.get(k) for k in (self.own if axes is None else axes)}

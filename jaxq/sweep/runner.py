@@ -141,8 +141,13 @@ def plan_chunks(points: Sequence[Point], max_batch: int, num_devices: int) -> li
 
 def _spec(point: Point) -> SimSpec:
     s = point.settings
-    return SimSpec(num_classes=point.scenario.num_classes, num_gpus=s["n"], room=s["room"],
+    spec = SimSpec(num_classes=point.scenario.num_classes, num_gpus=s["n"], room=s["room"],
                    num_buffers=get_policy(s["policy"]).num_buffers, convention=s["convention"], dtype=s["dtype"])
+    if s["engine"] == "population":  # B is a shape there (part of the point's static key)
+        from ..sim.general import GeneralSpec
+
+        spec = GeneralSpec.from_spec(spec, int(point.scenario.cluster.B))
+    return spec
 
 
 def preflight(points: Sequence[Point]) -> None:
