@@ -69,7 +69,7 @@ class BenchConfig:
     """What one bench run measures. ``full``/``quick``/``tiny`` presets: :data:`PRESETS`."""
 
     mode: str = "full"
-    engines: tuple[str, ...] = ("exact", "stepped")
+    engines: tuple[str, ...] = ("exact", "population", "stepped")
     stepped_dt: float | None = None  # None: the stepped engine's DEFAULT_DT
     policy: str = "gg-sp"
     n: int = 500
@@ -86,8 +86,8 @@ class BenchConfig:
     mmc_c: int = 100
     mmc_load: float = 0.95
     mmc_theta: float = 0.5
-    mmc_replicas: tuple[int, ...] = (64, 1024)
-    mmc_engines: tuple[str, ...] = ("exact", "stepped")  # of those available
+    mmc_replicas: tuple[int, ...] = (64, 1024, 8192)
+    mmc_engines: tuple[str, ...] = ("exact", "population", "stepped")  # of those available
     peers: bool = True
     step_cost: bool = True  # compile one step for the bandwidth bound (else: the whole loop's cost / R)
     bandwidth_mb: int = 256  # numpy copy size for the CPU bandwidth measurement
@@ -98,7 +98,7 @@ PRESETS = {
     "full": BenchConfig(),
     # a smoke run (< 1 minute): no n sweep (each n is one more compile), short timings
     "quick": BenchConfig(mode="quick", replicas=(1, 64), target_s=0.5, min_call_s=0.1, repeats=1,
-                         min_horizon=(0.02, 0.2), mmc_engines=("exact",), scale_n=(500,),
+                         min_horizon=(0.02, 0.2), mmc_engines=("exact", "population"), scale_n=(500,),
                          horizon_mults=(1.0, 2.0), mmc_replicas=(64,), step_cost=False, bandwidth_mb=64),
     # the test's mode (seconds, mostly compiling): exact engine only, every section exercised
     "tiny": BenchConfig(mode="tiny", engines=("exact",), n=8, replicas=(2,), target_s=0.03, min_call_s=0.0,
@@ -273,7 +273,7 @@ def available_engines(requested) -> tuple[list[str], dict]:
             except Exception as err:  # noqa: BLE001 - being written elsewhere: skip it, say why
                 notes[name] = f"skipped: jaxq.sim.stepped does not import ({type(err).__name__}: {err})"
                 continue
-        elif name != "exact":
+        elif name not in ("exact", "population"):
             notes[name] = "skipped: unknown engine"
             continue
         ok.append(name)
@@ -295,6 +295,10 @@ class EngineCase:
         self.repeats = repeats  # each timing is the best of this many calls
         self.policy = get_policy(policy_name)
         self.spec = SimSpec(scenario.num_classes, n, room=room, num_buffers=self.policy.num_buffers)
+        if engine == "population":  # B is a shape there
+            from .sim.general import GeneralSpec
+
+            self.spec = GeneralSpec.from_spec(self.spec, int(scenario.cluster.B))
         self.keys = jax.random.split(jax.random.key(seed), replicas)
         sc_n = scenario.replace(**{"cluster.n": n})
         self.lp = lp if lp is not None else solve_lp(sc_n, _PLANNING_OBJECTIVE.get(self.policy.name, "bundled"))
@@ -344,7 +348,7 @@ class EngineCase:
                "run_s": run_s, "reps": reps, "events_per_s": events / run_s,
                "us_per_event": 1e6 * run_s / events if events else None,
                "status_bad": int(np.sum(np.asarray(state.status) != 0))}
-        if self.engine == "exact":  # one event per step (plus each replica's last, stopping, step)
+        if self.engine in ("exact", "population"):  # one event per step (plus each replica's last, stopping, step)
             steps = np.asarray(state.step)
             row["steps"] = float(np.sum(steps))
             # the batched loop runs max(step) iterations for every replica: the rest is idle work
@@ -368,7 +372,7 @@ class EngineCase:
             return s, st
 
         # the floor on the horizon is for the exact engine's stragglers; the stepped engine has none
-        h, s, state = _calibrated(time_at, h0, target_s, h_min=h_min if self.engine == "exact" else 0.0)
+        h, s, state = _calibrated(time_at, h0, target_s, h_min=0.0 if self.engine == "stepped" else h_min)
         reps = 1
         if s < min_call_s or self.repeats > 1:
             s2, _, more = _timed(self.call(h), min_call_s, min_reps=self.repeats - 1)
@@ -790,7 +794,8 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None,
                         help="output folder or .json file (default benchmarks/results/bench-<platform>-<device>-<date>.json)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
-    parser.add_argument("--engines", default=None, help="comma list of exact,stepped (default both, where available)")
+    parser.add_argument("--engines", default=None,
+                        help="comma list of exact,population,stepped (default all three, where available)")
     parser.add_argument("--dt", type=float, default=None, help="step of the stepped engine (default its DEFAULT_DT)")
     parser.add_argument("--replicas", type=_ints, default=None, help="comma list of replica counts (default 1,64,1024)")
     parser.add_argument("--n-list", type=_ints, default=None, help="n of the n-scaling sweep (default 20,100,500)")
