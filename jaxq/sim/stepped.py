@@ -160,34 +160,53 @@ def _cumsum(x):
     return jax.lax.associative_scan(jnp.add, x)
 
 
-def _place(u, blocks, free, masks):
-    """Give jobs to GPUs with ``free`` slots. ``masks`` are G groups of GPUs, each a contiguous index
-    range (as static planning lays them out), and ``blocks[j, c]`` class-c jobs go to group j
-    (sum_c blocks[j] <= the group's free slots). Within a group the jobs take consecutive free slots
-    (GPU by GPU) from a uniformly random free slot, wrapping, class blocks in order: a single job
-    lands on a GPU with probability proportional to its free slots (uniformly among idle GPUs for
-    prefills), and the whole placement is one prefix sum over all GPUs, not one draw per job.
-    (Starting at a random *GPU* instead favours free GPUs behind long runs of full ones, which
-    measurably biased the coupled policies.) ``u``: G uniforms. Returns the (I, n) jobs per GPU."""
-    n = free.shape[0]
+def _place(u, blocks, free, masks, rooms=None, offsets=None):
+    """Give jobs to GPUs with ``free`` slots. ``masks`` are G disjoint groups of GPUs, each a contiguous
+    index range (as static planning lays them out), ``rooms`` their free slots and ``offsets`` the free
+    slots of the GPUs before each group (so a group's slots are numbered from 0; both computed here when
+    not given), and ``blocks[j, c]``
+    class-c jobs go to group j (sum_c blocks[j] <= the group's free slots). Within a group the jobs
+    take consecutive free slots (GPU by GPU) from a uniformly random free slot, wrapping, class blocks
+    in order: a single job lands on a GPU with probability proportional to its free slots (uniformly
+    among idle GPUs for prefills), and the whole placement is one prefix sum over all GPUs, not one
+    draw per job. (Starting at a random *GPU* instead favours free GPUs behind long runs of full ones,
+    which measurably biased the coupled policies.) ``u``: G uniforms. Returns the (I, n) jobs per GPU.
+
+    Every GPU reads its own group's numbers (a select per GPU), so the class loop runs once for all
+    groups, not once per group."""
     num_groups, num = blocks.shape
     excl = _cumsum(free) - free
-    out = [jnp.zeros((n,), _I32) for _ in range(num)]
-    for j in range(num_groups):
-        mask = masks[j]
-        first_gpu = jnp.argmax(mask)
-        room = jnp.sum(jnp.where(mask, free, 0))
-        lo_slot = excl - excl[first_gpu]  # the group's slots before each of its GPUs
-        hi_slot = lo_slot + free
-        start = jnp.minimum(jnp.floor(u[j] * room).astype(_I32), jnp.maximum(room - 1, 0))
-        lo = start
-        for c in range(num):
-            hi = lo + blocks[j, c]
-            # the job range [lo, hi) may run past the group's last slot and wrap to its first
-            got = (jnp.maximum(jnp.minimum(hi_slot, hi) - jnp.maximum(lo_slot, lo), 0)
-                   + jnp.maximum(jnp.minimum(hi_slot + room, hi) - jnp.maximum(lo_slot + room, lo), 0))
-            out[c] = out[c] + jnp.where(mask, got, 0).astype(_I32)
-            lo = hi
+    if rooms is None:
+        rooms = [jnp.sum(jnp.where(mk, free, 0)) for mk in masks]
+    if offsets is None:
+        offsets = [excl[jnp.argmax(mk)] for mk in masks]
+    rooms = [jnp.asarray(r).astype(_I32) for r in rooms]
+    offsets = [jnp.asarray(o).astype(_I32) for o in offsets]
+
+    def per_gpu(vals):  # a scalar per group -> the value of each GPU's group (0 outside every group)
+        out = jnp.where(masks[num_groups - 1], vals[num_groups - 1], 0)
+        for j in range(num_groups - 2, -1, -1):
+            out = jnp.where(masks[j], vals[j], out)
+        return out
+
+    starts = [jnp.minimum(jnp.floor(u[j] * rooms[j]).astype(_I32), jnp.maximum(rooms[j] - 1, 0))
+              for j in range(num_groups)]
+    room = per_gpu(rooms)
+    lo_slot = excl - per_gpu(offsets)  # the group's slots before each of its GPUs
+    hi_slot = lo_slot + free
+    inside = masks[0]
+    for j in range(1, num_groups):
+        inside = inside | masks[j]
+    out = []
+    lo_g = starts
+    for c in range(num):
+        hi_g = [lo_g[j] + blocks[j, c] for j in range(num_groups)]
+        lo, hi = per_gpu(lo_g), per_gpu(hi_g)
+        # the job range [lo, hi) may run past the group's last slot and wrap to its first
+        got = (jnp.maximum(jnp.minimum(hi_slot, hi) - jnp.maximum(lo_slot, lo), 0)
+               + jnp.maximum(jnp.minimum(hi_slot + room, hi) - jnp.maximum(lo_slot + room, lo), 0))
+        out.append(jnp.where(inside, got, 0).astype(_I32))
+        lo_g = hi_g
     return jnp.stack(out)
 
 
@@ -208,24 +227,26 @@ def _count_draw(u, mean, count=None):
     more than everything else these few draws feed. Here: inverse CDF over the first 64 terms when the
     mean is at most 25 (the mass beyond them is below 1e-11), and a rounded normal with the same mean
     and variance above (where the step's counts are sums of many small contributions)."""
-    ks = jnp.arange(_INVERSION_TERMS, dtype=mean.dtype).reshape((1,) * mean.ndim + (_INVERSION_TERMS,))
+    # the pmf by its term ratios pmf(k+1)/pmf(k) (a running product, no transcendental per term)
+    shape = (1,) * mean.ndim + (_INVERSION_TERMS - 1,)
+    ks = np.arange(_INVERSION_TERMS - 1).reshape(shape)
+    inv = jnp.asarray(1.0 / (ks + 1.0), mean.dtype)
     m = mean[..., None]
     if count is None:
-        log_first = -m
-        terms = jnp.log(jnp.maximum(m, 1e-300)) - jnp.log(ks + 1)
+        first = jnp.exp(-mean)
+        ratio = m * inv
         var = mean
         cap = jnp.full(mean.shape, jnp.inf, mean.dtype)
     else:
         q = count.astype(mean.dtype)
         p = jnp.clip(mean / jnp.maximum(q, 1.0), 0.0, 1.0)
-        p_ = jnp.minimum(p, 1.0 - 1e-12)[..., None]
-        log_first = q[..., None] * jnp.log1p(-p_)
-        terms = (jnp.log(jnp.maximum(q[..., None] - ks, 1e-300)) - jnp.log(ks + 1) + jnp.log(jnp.maximum(p_, 1e-300))
-                 - jnp.log1p(-p_))
+        p_ = jnp.minimum(p, 1.0 - 1e-12)
+        first = jnp.exp(q * jnp.log1p(-p_))
+        ratio = jnp.maximum(q[..., None] - jnp.asarray(ks, mean.dtype), 0.0) * inv * (p_ / (1.0 - p_))[..., None]
         var = mean * (1.0 - p)
         cap = q
-    log_pmf = log_first + jnp.concatenate([jnp.zeros_like(m), jnp.cumsum(terms, axis=-1)[..., :-1]], axis=-1)
-    cdf = jnp.cumsum(jnp.exp(log_pmf), axis=-1)
+    pmf = first[..., None] * jnp.concatenate([jnp.ones_like(m), jnp.cumprod(ratio, axis=-1)], axis=-1)
+    cdf = jnp.cumsum(pmf, axis=-1)
     small = jnp.sum(u[..., None] > cdf, axis=-1).astype(mean.dtype)
     z = jax.scipy.special.ndtri(jnp.clip(u, 1e-12, 1 - 1e-12))
     large = jnp.round(mean + jnp.sqrt(jnp.maximum(var, 0.0)) * z)
@@ -300,11 +321,13 @@ class _Stepper(eqx.Module):
                 blocks.append(here)
                 remaining = remaining - here
             taken = sum(blocks)[None, :]
-        add = _place(rand.take(len(masks)), jnp.stack(blocks), free, masks)
+        # the groups are contiguous, G_mix first: G_solo's slots start after all of G_mix's
+        offsets = [0] if router == "any" else [room[1], 0]
+        add = _place(rand.take(len(masks)), jnp.stack(blocks), free, masks, room, offsets)
         state = eqx.tree_at(lambda s: (s.decodes, s.q_d), state, (state.decodes + add, state.q_d - taken))
         return self._count(state, DECODE_STARTED, jnp.sum(taken, axis=0), post)
 
-    def admit(self, key, rand, params, state, post, done_cls, idle_at_start):
+    def admit(self, key, rand, params, state, post, done_cls, idle_at_start, X0):
         """Fill idle prefill slots: one ``gate`` call per admission, on per-class aggregates, in the
         order the slots freed within the step. Slots idle since the step's start come first; the
         slots freed during it follow at the order statistics of uniform times, and each decision sees
@@ -316,7 +339,6 @@ class _Stepper(eqx.Module):
         _, idle, _ = self._caps(params, state)
         slots = jnp.sum(idle, dtype=_I32)
         freed = jnp.maximum(slots - idle_at_start, 0)
-        X0 = _onehot_sum(state.prefill_class, state.prefill_class >= 0, num)
         dtype = jnp.dtype(self.spec.dtype)
 
         def view(X, q_p, k):
@@ -355,26 +377,31 @@ class _Stepper(eqx.Module):
             at_completion = jnp.maximum(completion_times[jnp.clip(j, 0, completion_times.shape[0] - 1)], t)
             return jnp.where(j < 0, t, jnp.where(j < from_completions, at_completion, drawn))
 
-        def pick(carry):
-            X, q_p, adm, k, t = carry
+        def pick(X, q_p, k, t):
             return self.policy.gate(jax.random.fold_in(key, k + 2**20), view(X + running(t), q_p, k), params.targets)
 
+        # the carry holds the gate's next choice, so that each admission calls the gate once (the loop
+        # condition only reads it)
         def cond(carry):
-            X, q_p, adm, k, t = carry
-            c = pick(carry)
+            _, q_p, _, k, _, c = carry
             return (k < slots) & (c >= 0) & (q_p[jnp.maximum(c, 0)] > 0)
 
         def body(carry):
-            X, q_p, adm, k, t = carry
-            one = (jnp.arange(num) == pick(carry)).astype(_I32)
-            return X + one, q_p - one, adm + one, k + 1, advance(k + 1, t)
+            X, q_p, adm, k, t, c = carry
+            one = (jnp.arange(num) == c).astype(_I32)
+            X, q_p, k = X + one, q_p - one, k + 1
+            t = advance(k, t)
+            return X, q_p, adm + one, k, t, pick(X, q_p, k, t)
 
         zeros = jnp.zeros((num,), _I32)
         t0 = advance(jnp.int32(0), jnp.zeros((), dtype))
-        _, q_p, adm, _, _ = jax.lax.while_loop(cond, body, (X0, state.q_p, zeros, jnp.int32(0), t0))
-        got = _place(rand.take(1), adm[None, :], idle.astype(_I32), [jnp.ones_like(idle)])
-        new_class = jnp.argmax(got, axis=0).astype(_I32)
-        prefill_class = jnp.where(jnp.any(got > 0, axis=0), new_class, state.prefill_class)
+        c0 = pick(X0, state.q_p, jnp.int32(0), t0)
+        _, q_p, adm, _, _, _ = jax.lax.while_loop(cond, body, (X0, state.q_p, zeros, jnp.int32(0), t0, c0))
+        got = _place(rand.take(1), adm[None, :], idle.astype(_I32), [jnp.ones_like(idle)], [slots], [0])
+        # an idle GPU has one prefill slot: at most one class gets it
+        prefill_class = state.prefill_class
+        for c in range(num - 1, -1, -1):
+            prefill_class = jnp.where(got[c] > 0, c, prefill_class)
         state = eqx.tree_at(lambda s: (s.prefill_class, s.q_p), state, (prefill_class, q_p))
         return self._count(state, ADMITTED, adm, post), adm
 
@@ -403,7 +430,8 @@ class _Stepper(eqx.Module):
         arrivals = _count_draw(u_arrive, n * m.lam * dt_)
         # levels are constant through the step, except that this step's arrivals wait from their
         # arrival (uniform in the step) to its end: half a step each on average
-        integrals = state.integrals + w * self.levels(state).astype(jnp.float64)
+        levels = self.levels(state)
+        integrals = state.integrals + w * levels.astype(jnp.float64)
         integrals = integrals.at[INT_QP].add(0.5 * w * arrivals)
         state = eqx.tree_at(lambda s: (s.integrals, s.t), state, (integrals, t1))
         idle_at_start = jnp.sum(self._caps(params, state)[1], dtype=_I32)
@@ -421,6 +449,7 @@ class _Stepper(eqx.Module):
 
         # -- apply them ---------------------------------------------------------------------------
         done_cls = _onehot_sum(state.prefill_class, prefill_done, num)
+        X_run = levels[1].astype(_I32) - done_cls  # prefills still running after the completions
         decodes = state.decodes - dec_done
         if pol.coupled:  # the job decodes in the slot its prefill held
             decodes = decodes + ((pc[None, :] == jnp.arange(num)[:, None]) & prefill_done[None, :]).astype(_I32)
@@ -445,11 +474,11 @@ class _Stepper(eqx.Module):
 
         # -- decisions at the end of the step -------------------------------------------------------
         if pol.prefill_first:
-            state, adm = self.admit(k_admit, rand, params, state, post, done_cls, idle_at_start)
+            state, adm = self.admit(k_admit, rand, params, state, post, done_cls, idle_at_start, X_run)
         if not pol.coupled:
             state = self.drain(rand, params, state, post)
         if not pol.prefill_first:
-            state, adm = self.admit(k_admit, rand, params, state, post, done_cls, idle_at_start)
+            state, adm = self.admit(k_admit, rand, params, state, post, done_cls, idle_at_start, X_run)
         # Who waited, as the CTMC would count it. FCFS within class: admissions take older jobs first,
         # so this step's arrivals admitted now are adm - older. Those that took a slot already idle at
         # the step's start would not have waited; one that took a slot freed during the step waited iff
@@ -463,9 +492,10 @@ class _Stepper(eqx.Module):
 
         free, _, ndec = self._caps(params, state)
         has = state.prefill_class >= 0
-        ok = jnp.all(free >= 0) & jnp.all(ndec + has <= params.model.B.astype(_I32))
-        ok &= ~jnp.any(has & (state.group == SOLO)) & jnp.all(state.decodes >= 0)
-        ok &= jnp.all(state.q_p >= 0) & jnp.all(state.q_d >= 0)
+        gpu_ok = (free >= 0) & (ndec + has <= params.model.B.astype(_I32)) & ~(has & (state.group == SOLO))
+        for c in range(num):
+            gpu_ok &= state.decodes[c] >= 0
+        ok = jnp.all(gpu_ok) & jnp.all(state.q_p >= 0) & jnp.all(state.q_d >= 0)
         bad = jnp.where(ok, 0, CAPACITY_VIOLATED)
         return eqx.tree_at(lambda s: (s.step, s.status), state, (state.step + 1, state.status | bad))
 
