@@ -82,11 +82,12 @@ def test_same_law_and_arrivals_as_the_exact_engine(name, convention):
 @pytest.mark.parametrize("name", [p if p in ("gg-sp", "fi-wsp", "sli") else pytest.param(p, marks=SLOW)
                                   for p in sorted(POLICIES)])
 def test_conservation_and_population(name):
-    res = run(CANONICAL, name, engine="population", n=12, replicas=4, horizon=80.0, warmup=10.0, room=128)
+    # the shapes of test_same_law_and_arrivals_as_the_exact_engine: its compiled program is reused
+    res = run(CANONICAL, name, engine="population", n=8, replicas=48, horizon=80.0, warmup=10.0, room=256)
     s = res.state
     assert not res.status, res.status
     pop = np.asarray(s.pop)
-    assert np.all(pop >= 0) and np.all(pop.sum(-1) == 12)
+    assert np.all(pop >= 0) and np.all(pop.sum(-1) == 8)
     t = np.asarray(s.totals)
     decodes = np.asarray(s.decodes)  # (R, K, I): each configuration's decodes
     in_service = (pop[..., None] * decodes).sum(1) + np.asarray(s.X)
