@@ -64,7 +64,8 @@ METRICS = ("revenue_bundled", "x", "y_m", "y_s", "q_p", "q_d", "abandon_prefill_
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name, convention", [("gg-sp", "B"), ("fi-wsp", "B"),
+# FI-WSP's law is also checked by the Erlang-A test below (through this engine); it runs with --run-slow
+@pytest.mark.parametrize("name, convention", [("gg-sp", "B"), pytest.param("fi-wsp", "B", marks=SLOW),
                                               pytest.param("gf-wsp", "B", marks=SLOW), pytest.param("sli", "B", marks=SLOW),
                                               pytest.param("gi-wsp", "A", marks=SLOW),
                                               pytest.param("gg-sp-hb", "A", marks=SLOW)])
