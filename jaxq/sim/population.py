@@ -24,9 +24,9 @@ M/M/c+M special case) K = 3; on the canonical instance (I = 2, B = 16, partition
 per-GPU engine's cost at n = 500, and far less at n = 5,000 or 50,000. K grows like B^I / I!, so for
 many classes and large batches the per-GPU engine is cheaper: :func:`num_configurations` says which.
 
-B is a shape here: the spec is a :class:`~jaxq.sim.general.GeneralSpec` whose ``max_batch`` is B, and
-a run whose ``params.model.B`` differs from it is refused by :func:`jaxq.sim.api.run` (inside jit it
-would raise CAPACITY_VIOLATED).
+B is a shape here: the spec is a :class:`~jaxq.sim.general.GeneralSpec` whose ``max_batch`` fixes the
+configurations (:func:`jaxq.sim.api.run` sets it to the scenario's B). A ``params.model.B`` above it
+raises CAPACITY_VIOLATED at the first move the tables lack; one below it leaves some rows unused.
 """
 
 from __future__ import annotations
