@@ -23,6 +23,8 @@ _PLANNING_OBJECTIVE = {"priority": "separate"}
 
 
 ENGINES = ("exact", "stepped", "general", "population")
+# engines whose arrays are shaped by the batch size B (their spec is a GeneralSpec with max_batch = B)
+SHAPED_BY_B = ("general", "population")
 
 
 def single_runner(engine: str = "exact", dt: float | None = None, service=None):
@@ -85,7 +87,7 @@ def run_replicas(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy,
     "general" engine (a plain ``spec`` gets its ``max_batch`` from ``params.model.B``)."""
     devices = tuple(jax.local_devices() if devices is None else devices)
     record_times = None if record_times is None else tuple(float(t) for t in record_times)
-    if engine in ("general", "population"):  # both fix B as a shape
+    if engine in SHAPED_BY_B:
         from .general import ServiceLaw, as_general_spec
 
         spec = as_general_spec(spec, params)
@@ -176,7 +178,7 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     params, lp, plan = make_params(scenario, pol, n, horizon, warmup, lp_solution=lp_solution)
     spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
                    convention=convention, dtype=dtype)
-    if engine in ("general", "population"):
+    if engine in SHAPED_BY_B:
         spec = GeneralSpec.from_spec(spec, scenario.cluster.B)
     keys = jax.random.split(jax.random.key(seed), replicas)
     if engine == "stepped":
