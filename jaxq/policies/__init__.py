@@ -1,6 +1,6 @@
 """Policies as pure functions behind one interface (see :mod:`jaxq.policies.base`)."""
 
-from .base import AbstractPolicy, fcfs_class, lexicographic_argmin, occupancy_gate, uniform_choice
+from .base import AbstractPolicy, choice_from_uniform, fcfs_class, lexicographic_argmin, occupancy_gate, uniform_choice
 from .rules import (
     FGSP,
     FIWSP,
@@ -16,5 +16,5 @@ from .rules import (
 
 __all__ = [
     "AbstractPolicy", "FGSP", "FIWSP", "GFWSP", "GIWSP", "GateAndRoute", "GateAndRouteHoldBack", "POLICIES", "PrioritizeAndRoute",
-    "SLIGateAndRoute", "fcfs_class", "get_policy", "lexicographic_argmin", "occupancy_gate", "uniform_choice",
+    "SLIGateAndRoute", "choice_from_uniform", "fcfs_class", "get_policy", "lexicographic_argmin", "occupancy_gate", "uniform_choice",
 ]

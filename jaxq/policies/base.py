@@ -29,18 +29,24 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..sim.state import MIXED, SOLO, PolicyTargets, View
+from ..sim.state import MIXED, SOLO, PolicyTargets, View, search_right
 
 
 def uniform_choice(key, mask, weight=None):
     """Index of a uniformly random True entry of ``mask`` (-1 if none). O(len(mask)). With ``weight``
     (a count of GPUs per entry, :attr:`View.weight`), a uniform GPU among the entries' GPUs: entry j
     with probability proportional to mask_j x weight_j."""
+    return choice_from_uniform(jax.random.uniform(key), mask, weight)
+
+
+def choice_from_uniform(u, mask, weight=None):
+    """:func:`uniform_choice` from a uniform ``u`` in [0, 1) already drawn. A rule that makes several
+    choices draws their uniforms in one call (each ``jax.random`` call is a hash: fewer is faster)."""
     mask = mask.astype(jnp.int32) if weight is None else jnp.where(mask, weight, 0).astype(jnp.int32)
-    count = jnp.sum(mask, dtype=jnp.int32)
-    k = jnp.floor(jax.random.uniform(key) * count).astype(jnp.int32)
-    k = jnp.minimum(k, count - 1)
-    idx = jnp.searchsorted(jnp.cumsum(mask, dtype=jnp.int32), k, side="right").astype(jnp.int32)
+    cum = jnp.cumsum(mask, dtype=jnp.int32)
+    count = cum[-1]
+    k = jnp.minimum(jnp.floor(u * count).astype(jnp.int32), count - 1)
+    idx = search_right(cum, k).astype(jnp.int32)
     return jnp.where(count > 0, idx, -1)
 
 
@@ -120,9 +126,9 @@ def fcfs_gate(view: View):
 def greedy_route(key, view: View):
     """MODEL.md §5.1 decode router: a G_solo GPU with a free slot (uniformly), else a G_mix GPU with a
     free decode slot (uniformly), else the single FCFS buffer 0."""
-    k_solo, k_mix = jax.random.split(key)
-    solo = uniform_choice(k_solo, (view.group == SOLO) & (view.free_decode > 0), view.weight)
-    mixed = uniform_choice(k_mix, (view.group == MIXED) & (view.free_decode > 0), view.weight)
+    u = jax.random.uniform(key, (2,))
+    solo = choice_from_uniform(u[0], (view.group == SOLO) & (view.free_decode > 0), view.weight)
+    mixed = choice_from_uniform(u[1], (view.group == MIXED) & (view.free_decode > 0), view.weight)
     return jnp.where(solo >= 0, solo, mixed), jnp.int32(0)
 
 

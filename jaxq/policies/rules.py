@@ -26,11 +26,11 @@ from ..sim.state import MIXED, SOLO
 from .base import (
     AbstractPolicy,
     any_free_route,
+    choice_from_uniform,
     fcfs_gate,
     greedy_route,
     lexicographic_argmin,
     occupancy_gate,
-    uniform_choice,
 )
 
 
@@ -116,12 +116,12 @@ class SLIGateAndRoute(AbstractPolicy):
         return occupancy_gate(view, targets)
 
     def route(self, key, view, targets, cls, origin):
-        k_coin, k_gpu = jax.random.split(key)
-        to_solo = jax.random.uniform(k_coin) <= targets.p_solo[jnp.maximum(cls, 0)]
+        u = jax.random.uniform(key, (2,))  # the coin and the GPU, from one draw
+        to_solo = u[0] <= targets.p_solo[jnp.maximum(cls, 0)]
         # a buffer head keeps the group of its buffer: 0 -> solo, 1 -> mixed
         to_solo = jnp.where(origin >= 0, origin == 0, to_solo)
         group = jnp.where(to_solo, SOLO, MIXED)
-        gpu = uniform_choice(k_gpu, (view.group == group) & (view.free_decode > 0), view.weight)
+        gpu = choice_from_uniform(u[1], (view.group == group) & (view.free_decode > 0), view.weight)
         return gpu, jnp.where(to_solo, 0, 1).astype(jnp.int32)
 
     def buffer_has_slot(self, view, targets, b):

@@ -57,6 +57,7 @@ from .state import (
     View,
     gpu_groups,
     runs_slow,
+    search_right,
 )
 
 if TYPE_CHECKING:  # policies import the state types from this package: avoid the cycle at run time
@@ -144,10 +145,32 @@ def _remove(room, count, cls, pos, do):
 def _weighted_index(u, weights):
     """Index drawn with probability proportional to ``weights`` (>= 0) from one uniform ``u``."""
     cum = jnp.cumsum(weights)
-    idx = jnp.searchsorted(cum, u * cum[-1], side="right")
+    idx = search_right(cum, u * cum[-1])
     # u * total can round up to total itself: never let that select a trailing zero weight
     last_positive = weights.shape[0] - 1 - jnp.argmax(weights[::-1] > 0)
     return jnp.minimum(idx, last_positive).astype(_I32)
+
+
+# One step's randomness, by role: each role has its own key, into which a step folds its index. One
+# hash per role, not one batched hash for all: XLA then drops the keys a policy never uses (an FCFS gate
+# draws nothing), and on CPU a threefry call's cost grows with its width (it runs as a rolled loop that
+# copies its words each round), so unused words are not free (docs/simulation.md, "What a step costs").
+STEP_ROLES = ("event", "gate", "gpu", "route", "drain", "check")
+
+
+def arrival_keys(arrival_key, num_classes: int):
+    """Each class's arrival stream: its k-th gap is drawn from ``fold_in(arrival_keys[c], k)``."""
+    return jax.vmap(lambda c: jax.random.fold_in(arrival_key, c))(jnp.arange(num_classes))
+
+
+def stream_keys(arrival_key, service_key, num_classes: int):
+    """What :meth:`_Sim.step` takes: the per-class arrival keys and one service key per step role."""
+    return arrival_keys(arrival_key, num_classes), jax.random.split(service_key, len(STEP_ROLES))
+
+
+def step_keys(service_keys, step):
+    """The step's key for each role, in STEP_ROLES order."""
+    return [jax.random.fold_in(service_keys[j], step) for j in range(len(STEP_ROLES))]
 
 
 class _Sim(eqx.Module):
@@ -202,28 +225,28 @@ class _Sim(eqx.Module):
         return self._change_decode(state, g, c, -(do & (g >= 0) & (c >= 0)).astype(_I32))
 
     # -- decisions -------------------------------------------------------------------------------
-    def admit(self, key, params, state, post, live):
+    def admit(self, k_gate, k_gpu, params, state, post, live):
         """Admit while an idle prefill slot and a gated class remain. One admission per event is all the
         paper's rules ever need; a rule that holds slots idle (the hold-back option) can release several
-        at once, so this loops (bounded by n)."""
+        at once, so this loops (bounded by n), the k-th admission on the keys folded with k."""
 
         def can(carry):
             state, k = carry
             v = self.view(params, state)
             return live & (k < self.spec.num_gpus) & jnp.any(v.idle_prefill) & (
-                self.policy.gate(jax.random.fold_in(key, k), v, params.targets) >= 0)
+                self.policy.gate(jax.random.fold_in(k_gate, k), v, params.targets) >= 0)
 
         def body(carry):
             state, k = carry
-            return self.admit_one(jax.random.fold_in(key, k), params, state, post, live), k + 1
+            k_gate_k, k_gpu_k = jax.vmap(jax.random.fold_in, in_axes=(0, None))(jnp.stack([k_gate, k_gpu]), k)
+            return self.admit_one(k_gate_k, k_gpu_k, params, state, post, live), k + 1
 
-        state = self.admit_one(jax.random.fold_in(key, 0), params, state, post, live)
+        state = self.admit_one(k_gate, k_gpu, params, state, post, live)
         if self.policy.admits_in_bursts:
             state, _ = jax.lax.while_loop(can, body, (state, jnp.int32(1)))
         return state
 
-    def admit_one(self, key, params, state, post, live):
-        k_gate, k_gpu = jax.random.split(key)
+    def admit_one(self, k_gate, k_gpu, params, state, post, live):
         v = self.view(params, state)
         cls = self.policy.gate(k_gate, v, params.targets)
         gpu = self.policy.prefill_gpu(k_gpu, v, params.targets, cls)
@@ -255,7 +278,8 @@ class _Sim(eqx.Module):
         for b in range(self.spec.num_buffers):
             v = self.view(params, state)
             cls = self.policy.buffer_head(v, b)
-            gpu, _ = self.policy.route(jax.random.fold_in(key, b), v, params.targets, cls, jnp.int32(b))
+            k_b = key if b == 0 else jax.random.fold_in(key, b)
+            gpu, _ = self.policy.route(k_b, v, params.targets, cls, jnp.int32(b))
             do = live & (cls >= 0) & (gpu >= 0)
             room, count = _remove(state.buffers[b], state.q_d[b], cls, 0, do)
             state = eqx.tree_at(lambda s: (s.buffers, s.q_d), state,
@@ -263,18 +287,20 @@ class _Sim(eqx.Module):
             state = self.add_decode(state, gpu, cls, post, do)
         return state
 
-    def decide(self, key, params, state, pending_cls, pending_gpu, post, live):
-        k_admit, k_route, k_drain, k_check = jax.random.split(key, 4)
+    def decide(self, keys, params, state, pending_cls, pending_gpu, post, live):
+        """Apply the policy's decisions after an event; ``keys`` are the step's keys for the roles
+        gate, gpu, route, drain and check (STEP_ROLES[1:])."""
+        k_gate, k_gpu, k_route, k_drain, k_check = keys
         pending_cls = jnp.where(live, pending_cls, -1)
         if self.policy.coupled:  # a coupled decode keeps its prefill's slot: place it before anything
             state = self.place_pending(k_route, params, state, pending_cls, pending_gpu, post)
         if self.policy.prefill_first:
-            state = self.admit(k_admit, params, state, post, live)
+            state = self.admit(k_gate, k_gpu, params, state, post, live)
         if not self.policy.coupled:
             state = self.place_pending(k_route, params, state, pending_cls, pending_gpu, post)
         state = self.drain(k_drain, params, state, post, live)
         if not self.policy.prefill_first:
-            state = self.admit(k_admit, params, state, post, live)
+            state = self.admit(k_gate, k_gpu, params, state, post, live)
         flags = jnp.where(self.actions_left(k_check, params, state), DECISIONS_INCOMPLETE, 0)
         flags |= jnp.where(self.capacity_ok(params, state), 0, CAPACITY_VIOLATED)
         return eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(live, flags, 0))
@@ -302,15 +328,16 @@ class _Sim(eqx.Module):
         state = _count(state, LOST, cls, post, lost)
         return eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(lost, OVERFLOW, 0))
 
-    def arrive(self, arrival_key, m, state, cls_arrival, t_arrival, post, arrive):
+    def arrive(self, class_keys, m, state, cls_arrival, t_arrival, post, arrive):
         """Apply an arrival of class ``cls_arrival`` (where ``arrive``) and draw that class's next one
-        from its own stream: the k-th gap of class c comes from ``fold_in(arrival_key, c, k)``, so every
-        policy and engine on one key sees the same arrivals (common random numbers)."""
+        from its own stream: the k-th gap of class c comes from ``fold_in(class_keys[c], k)``
+        (:func:`arrival_keys`), so every policy and engine on one key sees the same arrivals (common
+        random numbers)."""
         state = _count(state, ARRIVED, cls_arrival, post, arrive)
         queue, q_p, lost = _push(state.queue, state.q_p, cls_arrival, state.t, arrive)
         state = self._lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls_arrival, post, lost)
         index = state.totals[ARRIVED, cls_arrival]
-        key = jax.random.fold_in(jax.random.fold_in(arrival_key, cls_arrival), index)
+        key = jax.random.fold_in(class_keys[cls_arrival], index)
         gap = jax.random.exponential(key, dtype=m.lam.dtype)
         nxt = state.t + (gap / (self.spec.num_gpus * m.lam[cls_arrival])).astype(jnp.float64)
         return eqx.tree_at(lambda s: s.next_arrival, state,
@@ -320,11 +347,10 @@ class _Sim(eqx.Module):
     def step(self, keys, params, state, seg_end):
         spec = self.spec
         num, nb = spec.num_classes, spec.num_buffers
-        arrival_key, service_key = keys
-        key = jax.random.fold_in(service_key, state.step)
-        k_decide, k_rand = jax.random.split(key)
+        class_keys, service_keys = keys
+        k_event, *k_decide = step_keys(service_keys, state.step)
         dtype = jnp.dtype(spec.dtype)
-        u = jax.random.uniform(k_rand, (4,), dtype=dtype)
+        u = jax.random.uniform(k_event, (4,), dtype=dtype)
         m = jax.tree_util.tree_map(lambda a: a.astype(dtype), params.model)
 
         # rates by kind and class: [abandon prefill | abandon buffers | prefill done | decode at mu_m | at mu_s]
@@ -345,7 +371,7 @@ class _Sim(eqx.Module):
 
         # -- an arrival (own stream) ------------------------------------------------------------
         arrive = live & is_arrival
-        state = self.arrive(arrival_key, m, state, cls_arrival, t_arrival, post, arrive)
+        state = self.arrive(class_keys, m, state, cls_arrival, t_arrival, post, arrive)
 
         # -- otherwise a state-dependent event: kind and class from O(I) rates, GPU from one O(n) pass
         other = live & ~is_arrival
@@ -405,8 +431,7 @@ class _Sim(eqx.Module):
 
 def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int, partitioned: bool = True) -> SimState:
     num, n, K = spec.num_classes, spec.num_gpus, room_width(spec)
-    first = jax.vmap(lambda c: jax.random.exponential(jax.random.fold_in(jax.random.fold_in(arrival_key, c), 0)))(
-        jnp.arange(num))
+    first = jax.vmap(lambda k: jax.random.exponential(jax.random.fold_in(k, 0)))(arrival_keys(arrival_key, num))
     zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
     group = gpu_groups(params, n, partitioned)
     return SimState(
@@ -433,7 +458,8 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     sim = _Sim(spec, policy)
     arrival_key, service_key = jax.random.split(key)
     state = init_state(spec, params, arrival_key, spec.num_buffers, policy.partitioned)
-    return drive(sim, (arrival_key, service_key), params, state, record_times, events_per_iteration)
+    keys = stream_keys(arrival_key, service_key, spec.num_classes)
+    return drive(sim, keys, params, state, record_times, events_per_iteration)
 
 
 def drive(sim, keys, params: SimParams, state, record_times=None, events_per_iteration: int = 1):

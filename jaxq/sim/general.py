@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key
 
-from .engine import _count, _remove, _Sim, _slow, _weighted_index, drive
+from .engine import _count, _remove, _Sim, _slow, _weighted_index, drive, step_keys, stream_keys
 from .engine import init_state as _exact_init_state
 from .state import (
     ABANDON_DECODE,
@@ -289,11 +289,10 @@ class _GeneralSim(_Sim):
     def step(self, keys, params, state, seg_end):
         spec = self.spec
         num = spec.num_classes
-        arrival_key, service_key = keys
-        key = jax.random.fold_in(service_key, state.step)
-        k_decide, k_rand = jax.random.split(key)
+        class_keys, service_keys = keys
+        k_event, *k_decide = step_keys(service_keys, state.step)
         dtype = jnp.dtype(spec.dtype)
-        u = jax.random.uniform(k_rand, (3,), dtype=dtype)
+        u = jax.random.uniform(k_event, (3,), dtype=dtype)
         m = jax.tree_util.tree_map(lambda a: a.astype(dtype), params.model)
 
         # abandonment: a Gillespie clock on theta x waiting jobs [prefill queues | decode buffers]
@@ -324,7 +323,7 @@ class _GeneralSim(_Sim):
 
         # -- an arrival (own stream, exactly as the exact engine) -------------------------------
         arrive = live & is_arrival
-        state = self.arrive(arrival_key, m, state, cls_arrival, t_arrival, post, arrive)
+        state = self.arrive(class_keys, m, state, cls_arrival, t_arrival, post, arrive)
 
         # -- an abandonment: kind and class by rate, then a uniformly chosen waiting job -----------
         abandon = live & ~is_arrival & ~is_done
@@ -393,7 +392,8 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     arrival_key, service_key = jax.random.split(key)  # the exact engine's split: common arrivals
     length_key = jax.random.fold_in(service_key, 2**31 - 1)
     state = init_state(spec, params, arrival_key, length_key, spec.num_buffers, policy.partitioned)
-    return drive(sim, (arrival_key, service_key), params, state, record_times, events_per_iteration)
+    keys = stream_keys(arrival_key, service_key, spec.num_classes)
+    return drive(sim, keys, params, state, record_times, events_per_iteration)
 
 
 @eqx.filter_jit

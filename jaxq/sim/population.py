@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from .engine import _count, _Sim, drive, make_view
+from .engine import _count, _Sim, drive, make_view, stream_keys
 from .engine import init_state as _exact_init_state
 from .general import GeneralSpec, as_general_spec
 from .state import ANY, CAPACITY_VIOLATED, DECODE_STARTED, MIXED, SOLO, SimParams, SimSpec, SimState, runs_slow
@@ -229,7 +229,8 @@ def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, re
     sim = _PopulationSim(spec, policy, tables)
     arrival_key, service_key = jax.random.split(key)
     state = init_state(spec, params, arrival_key, spec.num_buffers, policy.partitioned)
-    return drive(sim, (arrival_key, service_key), params, state, record_times, events_per_iteration)
+    keys = stream_keys(arrival_key, service_key, spec.num_classes)
+    return drive(sim, keys, params, state, record_times, events_per_iteration)
 
 
 @eqx.filter_jit

@@ -164,3 +164,14 @@ def runs_slow(convention: str, group, prefill_class):
     if convention == "A":
         return (group == MIXED) | ((group == ANY) & has_prefill)
     return has_prefill
+
+
+def search_right(sorted_values, v):
+    """``jnp.searchsorted(sorted_values, v, side="right")`` by the cheaper method for the length: a
+    short array is compared whole (one fused pass); a long one bisected (a loop of log2(len) steps,
+    which under ``vmap`` costs a loop iteration per step whatever the batch)."""
+    method = "compare_all" if sorted_values.shape[-1] <= _COMPARE_ALL_MAX else "scan"
+    return jnp.searchsorted(sorted_values, v, side="right", method=method)
+
+
+_COMPARE_ALL_MAX = 128  # measured: compare_all wins on K = 3, bisection on K = 561 (docs/simulation.md)
