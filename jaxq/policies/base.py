@@ -29,7 +29,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..sim.state import MIXED, SOLO, PolicyTargets, View, search_right
+from ..sim.state import MIXED, SOLO, PolicyTargets, View, prefix_sum, search_right
 
 
 def uniform_choice(key, mask, weight=None):
@@ -43,7 +43,7 @@ def choice_from_uniform(u, mask, weight=None):
     """:func:`uniform_choice` from a uniform ``u`` in [0, 1) already drawn. A rule that makes several
     choices draws their uniforms in one call (each ``jax.random`` call is a hash: fewer is faster)."""
     mask = mask.astype(jnp.int32) if weight is None else jnp.where(mask, weight, 0).astype(jnp.int32)
-    cum = jnp.cumsum(mask, dtype=jnp.int32)
+    cum = prefix_sum(mask)
     count = cum[-1]
     k = jnp.minimum(jnp.floor(u * count).astype(jnp.int32), count - 1)
     idx = search_right(cum, k).astype(jnp.int32)
@@ -126,10 +126,10 @@ def fcfs_gate(view: View):
 def greedy_route(key, view: View):
     """MODEL.md §5.1 decode router: a G_solo GPU with a free slot (uniformly), else a G_mix GPU with a
     free decode slot (uniformly), else the single FCFS buffer 0."""
-    u = jax.random.uniform(key, (2,))
-    solo = choice_from_uniform(u[0], (view.group == SOLO) & (view.free_decode > 0), view.weight)
-    mixed = choice_from_uniform(u[1], (view.group == MIXED) & (view.free_decode > 0), view.weight)
-    return jnp.where(solo >= 0, solo, mixed), jnp.int32(0)
+    free = view.free_decode > 0
+    solo = (view.group == SOLO) & free
+    group = jnp.where(jnp.any(solo), solo, (view.group == MIXED) & free)
+    return uniform_choice(key, group, view.weight), jnp.int32(0)
 
 
 def any_free_route(key, view: View):

@@ -57,6 +57,7 @@ from .state import (
     View,
     gpu_groups,
     runs_slow,
+    prefix_sum,
     search_right,
 )
 
@@ -77,8 +78,8 @@ def make_view(spec: SimSpec, params: SimParams, state: SimState) -> View:
     return View(
         n=spec.num_gpus, B=params.model.B, group=group, prefill_class=state.prefill_class,
         decodes=state.decodes, free_decode=cap - state.ndec, idle_prefill=idle, X=state.X,
-        q_p=state.q_p, queue_head=_heads(state.queue, state.q_p), q_d=state.q_d,
-        buffer_head=_heads(state.buffers, state.q_d),
+        q_p=state.q_p, queue_head=room_heads(state, "queue"), q_d=state.q_d,
+        buffer_head=room_heads(state, "buffers"),
     )
 
 
@@ -95,56 +96,104 @@ def _count(state: SimState, row, cls, post, do) -> SimState:
                        (_bump(state.counts, row, cls, do & post), _bump(state.totals, row, cls, do)))
 
 
-# Waiting rooms: per class, entry times sorted ascending in a compacted prefix of length count, +inf
-# after it. Entries arrive in time order, so a push appends; a removal shifts the suffix left. The head
-# (oldest) is column 0 and the count is stored, so reading a room is O(1).
+# Waiting rooms. Each class's room (the prefill queue, and each decode buffer) is a ring of entry times:
+# ``start`` is the cell of the oldest entry and the count is stored, so the live entries are cells
+# start, start + 1, ... (mod width), oldest first, and reading a head is O(1). Entries arrive in time
+# order, so a push writes the cell after the newest and taking the head advances ``start``: both O(1).
+# Only an abandonment (a uniformly chosen entry) moves cells: the newer entries shift one cell toward
+# the head, a masked pass over the room. Cells past the count hold +inf (a state holds no stale values).
 #
 # The entry times serve one purpose: FCFS *across* classes (which class's head is oldest). With one
 # class there is nothing to order (and abandonment, memoryless, needs no ages), so a one-class model
-# keeps rooms of width 0: the counts alone, no capacity, never a lost job, and no O(room) shift per
-# removal (most of an event's cost on a small cluster).
+# keeps rooms of width 0: the counts alone, no capacity, never a lost job, and no O(room) shift.
+
+ROOMS = {"queue": ("queue", "queue_start", "q_p"), "buffers": ("buffers", "buffer_start", "q_d")}
+
 
 def room_width(spec) -> int:
     """Entry-time cells per class: ``spec.room``, or 0 (counts only) for a one-class model."""
     return 0 if spec.num_classes == 1 else spec.room
 
 
-def _heads(room, count):
-    """Entry time of each class's oldest waiting job (+inf if none). A width-0 room has no ages: its
-    classes (one) are ordered by nothing, so any finite value marks a non-empty room."""
-    if room.shape[-1] == 0:
-        return jnp.where(count > 0, 0.0, jnp.inf).astype(room.dtype)
-    return room[..., 0]
+def _room(state, which):
+    """A room family as (cells (rows, width), start (rows,), count (rows,)); a buffer's row is b x I + c."""
+    cells, start, count = (getattr(state, f) for f in ROOMS[which])
+    return cells.reshape(count.size, cells.shape[-1]), start.reshape(-1), count.reshape(-1)
 
 
-def _push(room, count, cls, time, do):
-    """Append to ``room[cls]``; returns (room, count, lost) where lost means the room was full."""
-    c = jnp.maximum(cls, 0)
-    do = do & (cls >= 0)
-    if room.shape[-1] == 0:
-        return room, count.at[c].add(do.astype(_I32)), jnp.zeros((), bool)
-    full = count[c] >= room.shape[-1]
+def _set_room(state, which, cells, start, count):
+    names = ROOMS[which]
+    shapes = [getattr(state, f).shape for f in names]
+    return eqx.tree_at(lambda s: tuple(getattr(s, f) for f in names), state,
+                       (cells.reshape(shapes[0]), start.reshape(shapes[1]), count.reshape(shapes[2])))
+
+
+def room_heads(state, which):
+    """Entry time of each room's oldest waiting job (+inf if empty), shaped as its count. A width-0
+    room has no ages: its classes (one) are ordered by nothing, so any finite value marks a non-empty
+    room."""
+    cells, start, count = _room(state, which)
+    if cells.shape[-1] == 0:
+        heads = jnp.zeros(count.shape, cells.dtype)
+    else:
+        heads = jnp.take_along_axis(cells, start[:, None], axis=1)[:, 0]
+    return jnp.where(count > 0, heads, jnp.inf).reshape(getattr(state, ROOMS[which][2]).shape)
+
+
+def _wrap(i, width):
+    return jnp.where(i >= width, i - width, i)
+
+
+def room_push(state, which, row, time, do):
+    """Append ``time`` to room ``row`` where ``do`` (row < 0: nothing); returns (state, lost), lost
+    meaning the room was full."""
+    cells, start, count = _room(state, which)
+    r, do = jnp.maximum(row, 0), do & (row >= 0)
+    width = cells.shape[-1]
+    if width == 0:
+        return _set_room(state, which, cells, start, count.at[r].add(do.astype(_I32))), jnp.zeros((), bool)
+    full = count[r] >= width
     ok = do & ~full
-    pos = jnp.minimum(count[c], room.shape[-1] - 1)
-    room = room.at[c, pos].set(jnp.where(ok, time, room[c, pos]))
-    return room, count.at[c].add(ok.astype(_I32)), do & full
+    cell = jnp.minimum(_wrap(start[r] + count[r], width), width - 1)
+    cells = cells.at[r, cell].set(jnp.where(ok, time, cells[r, cell]))
+    return _set_room(state, which, cells, start, count.at[r].add(ok.astype(_I32))), do & full
 
 
-def _remove(room, count, cls, pos, do):
-    """Remove entry ``pos`` of ``room[cls]`` (0 = head), closing the gap."""
-    c = jnp.maximum(cls, 0)
-    do = do & (cls >= 0)
-    if room.shape[-1] == 0:
-        return room, count.at[c].add(-do.astype(_I32))
-    row = room[c]
-    shifted = jnp.concatenate([row[1:], jnp.full((1,), jnp.inf, row.dtype)])
-    row = jnp.where(do & (jnp.arange(row.shape[0]) >= pos), shifted, row)
-    return room.at[c].set(row), count.at[c].add(-do.astype(_I32))
+def room_pop(state, which, row, do):
+    """Take the head (oldest entry) of room ``row`` where ``do``."""
+    cells, start, count = _room(state, which)
+    r, do = jnp.maximum(row, 0), do & (row >= 0)
+    if cells.shape[-1] > 0:
+        cells = cells.at[r, start[r]].set(jnp.where(do, jnp.inf, cells[r, start[r]]))
+        start = start.at[r].set(jnp.where(do, _wrap(start[r] + 1, cells.shape[-1]), start[r]))
+    return _set_room(state, which, cells, start, count.at[r].add(-do.astype(_I32)))
+
+
+def room_remove(state, which, row, pos, do):
+    """Remove entry ``pos`` (0 = oldest) of room ``row`` where ``do``: the newer entries each move one
+    cell toward the head. One masked pass over the whole family of rooms: selecting the row first
+    (a gather, then a scatter back) measured slower on CPU, and so did a ring shift by concatenation."""
+    cells, start, count = _room(state, which)
+    r, do = jnp.maximum(row, 0), do & (row >= 0)
+    width = cells.shape[-1]
+    if width > 0:
+        cell = jnp.arange(width, dtype=_I32)
+        unwrapped = jnp.where(cell >= start[r], cell, cell + width)  # start .. start + width - 1
+        first = start[r] + pos
+        last = start[r] + count[r] - 1
+        moved = (unwrapped >= first) & (unwrapped < last)  # takes the next cell
+        in_row = (jnp.arange(cells.shape[0]) == r)[:, None] & do
+        # each cell's successor (the last cell's is cell 0); padding, then one select, fuses into a
+        # single cheap pass where a wrapping concatenation of two slices does not
+        padded = jnp.concatenate([cells[:, 1:], jnp.full((cells.shape[0], 1), jnp.inf, cells.dtype)], axis=1)
+        after = jnp.where(cell == width - 1, cells[:, :1], padded)
+        cells = jnp.where(in_row & moved[None, :], after, jnp.where(in_row & (unwrapped == last)[None, :], jnp.inf, cells))
+    return _set_room(state, which, cells, start, count.at[r].add(-do.astype(_I32)))
 
 
 def _weighted_index(u, weights):
     """Index drawn with probability proportional to ``weights`` (>= 0) from one uniform ``u``."""
-    cum = jnp.cumsum(weights)
+    cum = prefix_sum(weights)
     idx = search_right(cum, u * cum[-1])
     # u * total can round up to total itself: never let that select a trailing zero weight
     last_positive = weights.shape[0] - 1 - jnp.argmax(weights[::-1] > 0)
@@ -253,8 +302,7 @@ class _Sim(eqx.Module):
         do = live & (cls >= 0) & (gpu >= 0) & (v.q_p[jnp.maximum(cls, 0)] > 0)
         g = jnp.maximum(gpu, 0)
         do = do & v.idle_prefill[g]
-        queue, q_p = _remove(state.queue, state.q_p, cls, 0, do)
-        state = eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p))
+        state = room_pop(state, "queue", cls, do & (cls >= 0))
         state = self.start_prefill(state, g, cls, do)
         return _count(state, ADMITTED, cls, post, do)
 
@@ -267,9 +315,8 @@ class _Sim(eqx.Module):
         state = self.add_decode(state, gpu, pending_cls, post, do & (gpu >= 0))
         wait = do & (gpu < 0)
         b = jnp.clip(buf, 0, self.spec.num_buffers - 1)
-        room, count, lost = _push(state.buffers[b], state.q_d[b], pending_cls, state.t, wait)
-        state = eqx.tree_at(lambda s: (s.buffers, s.q_d), state,
-                            (state.buffers.at[b].set(room), state.q_d.at[b].set(count)))
+        row = jnp.where(pending_cls >= 0, b * self.spec.num_classes + pending_cls, -1)
+        state, lost = room_push(state, "buffers", row, state.t, wait)
         return self._lose(state, pending_cls, post, lost)
 
     def drain(self, key, params, state, post, live):
@@ -281,9 +328,7 @@ class _Sim(eqx.Module):
             k_b = key if b == 0 else jax.random.fold_in(key, b)
             gpu, _ = self.policy.route(k_b, v, params.targets, cls, jnp.int32(b))
             do = live & (cls >= 0) & (gpu >= 0)
-            room, count = _remove(state.buffers[b], state.q_d[b], cls, 0, do)
-            state = eqx.tree_at(lambda s: (s.buffers, s.q_d), state,
-                                (state.buffers.at[b].set(room), state.q_d.at[b].set(count)))
+            state = room_pop(state, "buffers", jnp.where(cls >= 0, b * self.spec.num_classes + cls, -1), do)
             state = self.add_decode(state, gpu, cls, post, do)
         return state
 
@@ -334,8 +379,8 @@ class _Sim(eqx.Module):
         (:func:`arrival_keys`), so every policy and engine on one key sees the same arrivals (common
         random numbers)."""
         state = _count(state, ARRIVED, cls_arrival, post, arrive)
-        queue, q_p, lost = _push(state.queue, state.q_p, cls_arrival, state.t, arrive)
-        state = self._lose(eqx.tree_at(lambda s: (s.queue, s.q_p), state, (queue, q_p)), cls_arrival, post, lost)
+        state, lost = room_push(state, "queue", cls_arrival, state.t, arrive)
+        state = self._lose(state, cls_arrival, post, lost)
         index = state.totals[ARRIVED, cls_arrival]
         key = jax.random.fold_in(class_keys[cls_arrival], index)
         gap = jax.random.exponential(key, dtype=m.lam.dtype)
@@ -382,10 +427,8 @@ class _Sim(eqx.Module):
         # abandonment: a uniformly chosen waiting job of the class (all have the same patience rate)
         room_count = jnp.where(kind == 0, state.q_p[c], state.q_d[b, c])
         pos = jnp.minimum(jnp.floor(u[2] * room_count), room_count - 1).astype(_I32)
-        queue, q_p = _remove(state.queue, state.q_p, c, pos, other & (kind == 0))
-        room, q_d_b = _remove(state.buffers[b], state.q_d[b], c, pos, other & (kind == 1))
-        state = eqx.tree_at(lambda s: (s.queue, s.q_p, s.buffers, s.q_d), state,
-                            (queue, q_p, state.buffers.at[b].set(room), state.q_d.at[b].set(q_d_b)))
+        state = room_remove(state, "queue", c, pos, other & (kind == 0))
+        state = room_remove(state, "buffers", b * num + c, pos, other & (kind == 1))
         state = _count(state, ABANDON_PREFILL, c, post, other & (kind == 0))
         state = _count(state, ABANDON_DECODE, c, post, other & (kind == 1))
         # completions: the GPU in proportion to its share of the chosen kind's rate
@@ -439,8 +482,9 @@ def init_state(spec: SimSpec, params: SimParams, arrival_key, num_buffers: int, 
         prefill_class=jnp.full((n,), -1, _I32), decodes=jnp.zeros((n, num), _I32),
         ndec=jnp.zeros((n,), _I32), X=jnp.zeros((num,), _I32), Y_speed=jnp.zeros((2, num), _I32),
         Y_pre=jnp.zeros((num,), _I32), Y_mixgroup=jnp.zeros((num,), _I32),
-        queue=jnp.full((num, K), jnp.inf), q_p=jnp.zeros((num,), _I32),
-        buffers=jnp.full((num_buffers, num, K), jnp.inf), q_d=jnp.zeros((num_buffers, num), _I32),
+        queue=jnp.full((num, K), jnp.inf), queue_start=jnp.zeros((num,), _I32), q_p=jnp.zeros((num,), _I32),
+        buffers=jnp.full((num_buffers, num, K), jnp.inf), buffer_start=jnp.zeros((num_buffers, num), _I32),
+        q_d=jnp.zeros((num_buffers, num), _I32),
         next_arrival=first / (n * params.model.lam), counts=zeros, integrals=jnp.zeros((6, num)),
         totals=zeros, status=jnp.zeros((), _I32),
     )

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key
 
-from .engine import _count, _remove, _Sim, _slow, _weighted_index, drive, step_keys, stream_keys
+from .engine import _count, _Sim, _slow, _weighted_index, drive, room_remove, step_keys, stream_keys
 from .engine import init_state as _exact_init_state
 from .state import (
     ABANDON_DECODE,
@@ -333,10 +333,8 @@ class _GeneralSim(_Sim):
         b = jnp.where(kind == 1, (e - num) // num, 0)
         room_count = jnp.where(kind == 0, state.q_p[c], state.q_d[b, c])
         pos = jnp.minimum(jnp.floor(u[2] * room_count), room_count - 1).astype(_I32)
-        queue, q_p = _remove(state.queue, state.q_p, c, pos, abandon & (kind == 0))
-        room, q_d_b = _remove(state.buffers[b], state.q_d[b], c, pos, abandon & (kind == 1))
-        state = eqx.tree_at(lambda s: (s.queue, s.q_p, s.buffers, s.q_d), state,
-                            (queue, q_p, state.buffers.at[b].set(room), state.q_d.at[b].set(q_d_b)))
+        state = room_remove(state, "queue", c, pos, abandon & (kind == 0))
+        state = room_remove(state, "buffers", b * num + c, pos, abandon & (kind == 1))
         state = _count(state, ABANDON_PREFILL, c, post, abandon & (kind == 0))
         state = _count(state, ABANDON_DECODE, c, post, abandon & (kind == 1))
 

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
@@ -116,9 +117,12 @@ class SimState(eqx.Module):
     Y_speed: Int[Array, "2 I"]  # decodes running at mu_m (row 0) and at mu_s (row 1)
     Y_pre: Int[Array, " I"]  # decodes on GPUs running a prefill (the paper's Y_m)
     Y_mixgroup: Int[Array, " I"]  # decodes on G_mix GPUs
-    queue: Float[Array, "I K"]  # entry times of waiting prefill jobs, oldest first, +inf past the count
+    # waiting rooms: rings of entry times, the oldest at cell *_start, q_* live cells (engine.py, "rooms")
+    queue: Float[Array, "I K"]  # entry times of waiting prefill jobs
+    queue_start: Int[Array, " I"]
     q_p: Int[Array, " I"]  # waiting prefill jobs per class
-    buffers: Float[Array, "NB I K"]  # entry times of waiting decodes, oldest first
+    buffers: Float[Array, "NB I K"]  # entry times of waiting decodes
+    buffer_start: Int[Array, "NB I"]
     q_d: Int[Array, "NB I"]
     next_arrival: Float[Array, " I"]  # absolute time of each class's next arrival (own random stream)
     # accumulators
@@ -164,6 +168,15 @@ def runs_slow(convention: str, group, prefill_class):
     if convention == "A":
         return (group == MIXED) | ((group == ANY) & has_prefill)
     return has_prefill
+
+
+def prefix_sum(x):
+    """``jnp.cumsum(x)`` along the last axis. On CPU, XLA computes cumsum as a reduce-window (~1.5 us
+    per 500 entries per replica, measured); the parallel prefix scan, log2(n) fused passes, is ~2x
+    cheaper there. Other backends keep cumsum (a dedicated kernel on GPU)."""
+    return jax.lax.platform_dependent(
+        x, cpu=lambda v: jax.lax.associative_scan(jnp.add, v, axis=v.ndim - 1),
+        default=lambda v: jnp.cumsum(v, axis=-1))
 
 
 def search_right(sorted_values, v):
