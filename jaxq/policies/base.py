@@ -29,7 +29,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..sim.state import MIXED, SOLO, PolicyTargets, View, prefix_sum, search_right
+from ..sim.state import MIXED, SOLO, PolicyTargets, View, weighted_search
 
 
 def uniform_choice(key, mask, weight=None):
@@ -43,10 +43,9 @@ def choice_from_uniform(u, mask, weight=None):
     """:func:`uniform_choice` from a uniform ``u`` in [0, 1) already drawn. A rule that makes several
     choices draws their uniforms in one call (each ``jax.random`` call is a hash: fewer is faster)."""
     mask = mask.astype(jnp.int32) if weight is None else jnp.where(mask, weight, 0).astype(jnp.int32)
-    cum = prefix_sum(mask)
-    count = cum[-1]
+    count = jnp.sum(mask, dtype=jnp.int32)
     k = jnp.minimum(jnp.floor(u * count).astype(jnp.int32), count - 1)
-    idx = search_right(cum, k).astype(jnp.int32)
+    idx = weighted_search(mask, k).astype(jnp.int32)
     return jnp.where(count > 0, idx, -1)
 
 

@@ -57,8 +57,7 @@ from .state import (
     View,
     gpu_groups,
     runs_slow,
-    prefix_sum,
-    search_right,
+    weighted_search,
 )
 
 if TYPE_CHECKING:  # policies import the state types from this package: avoid the cycle at run time
@@ -193,10 +192,9 @@ def room_remove(state, which, row, pos, do):
 
 def _weighted_index(u, weights):
     """Index drawn with probability proportional to ``weights`` (>= 0) from one uniform ``u``."""
-    cum = prefix_sum(weights)
-    idx = search_right(cum, u * cum[-1])
+    idx = weighted_search(weights, u * jnp.sum(weights))
     # u * total can round up to total itself: never let that select a trailing zero weight
-    last_positive = weights.shape[0] - 1 - jnp.argmax(weights[::-1] > 0)
+    last_positive = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[0], dtype=_I32), 0))
     return jnp.minimum(idx, last_positive).astype(_I32)
 
 

@@ -170,21 +170,27 @@ def runs_slow(convention: str, group, prefill_class):
     return has_prefill
 
 
-def prefix_sum(x):
-    """``jnp.cumsum(x)`` along the last axis. On CPU, XLA computes cumsum as a reduce-window (~1.5 us
-    per 500 entries per replica, measured); the parallel prefix scan, log2(n) fused passes, is ~2x
-    cheaper there. Other backends keep cumsum (a dedicated kernel on GPU)."""
-    return jax.lax.platform_dependent(
-        x, cpu=lambda v: jax.lax.associative_scan(jnp.add, v, axis=v.ndim - 1),
-        default=lambda v: jnp.cumsum(v, axis=-1))
+def weighted_search(weights, v):
+    """``jnp.searchsorted(jnp.cumsum(weights), v, side="right")`` for weights >= 0 along one axis: the
+    entry whose cumulative interval holds ``v`` (len(weights) when v >= the total).
+
+    A step needs this for every weighted or uniform choice, so it avoids a full prefix sum (on CPU
+    ``jnp.cumsum`` compiles to a reduce-window, ~1.5 us per 500 entries per replica; a parallel scan
+    is log2(n) passes). Long arrays go in two levels: per-block totals (one pass over the entries), the
+    block holding v, then the prefix sum of that block alone, so the cost is one pass plus O(sqrt(n)).
+    Short arrays are summed and compared whole (one fused pass; bisection would be a loop)."""
+    n = weights.shape[-1]
+    if n <= _SHORT:
+        return jnp.searchsorted(jnp.cumsum(weights), v, side="right", method="compare_all")
+    width = 1 << max(3, ((int(n) - 1).bit_length() + 1) // 2)  # a power of two near sqrt(n), >= 8
+    num = -(-n // width)
+    blocks = jnp.pad(weights, (0, num * width - n)).reshape(num, width)
+    block_sum = jnp.sum(blocks, axis=1)
+    block_cum = jnp.cumsum(block_sum)
+    j = jnp.minimum(jnp.searchsorted(block_cum, v, side="right", method="compare_all"), num - 1)
+    inner = jnp.cumsum(blocks[j]) + (block_cum[j] - block_sum[j])
+    i = jnp.searchsorted(inner, v, side="right", method="compare_all")
+    return jnp.minimum(j * width + i, n)
 
 
-def search_right(sorted_values, v):
-    """``jnp.searchsorted(sorted_values, v, side="right")`` by the cheaper method for the length: a
-    short array is compared whole (one fused pass); a long one bisected (a loop of log2(len) steps,
-    which under ``vmap`` costs a loop iteration per step whatever the batch)."""
-    method = "compare_all" if sorted_values.shape[-1] <= _COMPARE_ALL_MAX else "scan"
-    return jnp.searchsorted(sorted_values, v, side="right", method=method)
-
-
-_COMPARE_ALL_MAX = 128  # measured: compare_all wins on K = 3, bisection on K = 561 (docs/simulation.md)
+_SHORT = 32  # entries summed and compared whole
