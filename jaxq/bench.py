@@ -48,8 +48,8 @@ import jaxq
 from .lp import solve_bundled, solve_lp, static_plan
 from .model import JobClasses
 from .policies import get_policy
-from .sim.api import _PLANNING_OBJECTIVE, make_params, single_runner
-from .sim.state import COUNTER_NAMES, SimSpec
+from .sim.api import _PLANNING_OBJECTIVE, engine_spec, make_params, single_runner
+from .sim.state import COUNTER_NAMES
 from .sim.state import EVENT_ROWS as STATE_EVENT_ROWS
 
 # Rows of `totals` that are events (the engine-independent count).
@@ -294,11 +294,7 @@ class EngineCase:
         self.engine, self.scenario, self.n, self.replicas = engine, scenario, n, replicas
         self.repeats = repeats  # each timing is the best of this many calls
         self.policy = get_policy(policy_name)
-        self.spec = SimSpec(scenario.num_classes, n, room=room, num_buffers=self.policy.num_buffers)
-        if engine == "population":  # B is a shape there
-            from .sim.general import GeneralSpec
-
-            self.spec = GeneralSpec.from_spec(self.spec, int(scenario.cluster.B))
+        self.spec = engine_spec(engine, scenario, n, room, self.policy)
         self.keys = jax.random.split(jax.random.key(seed), replicas)
         sc_n = scenario.replace(**{"cluster.n": n})
         self.lp = lp if lp is not None else solve_lp(sc_n, _PLANNING_OBJECTIVE.get(self.policy.name, "bundled"))

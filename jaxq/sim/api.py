@@ -27,6 +27,19 @@ ENGINES = ("exact", "stepped", "general", "population")
 SHAPED_BY_B = ("general", "population")
 
 
+def engine_spec(engine: str, scenario: Scenario, n: int, room: int, policy: AbstractPolicy,
+                convention: str = "B", dtype: str = "float64") -> SimSpec:
+    """The static spec an engine compiles for: a :class:`SimSpec`, or for the engines shaped by B
+    (SHAPED_BY_B) a ``GeneralSpec`` with ``max_batch`` the scenario's B."""
+    spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=policy.num_buffers,
+                   convention=convention, dtype=dtype)
+    if engine in SHAPED_BY_B:
+        from .general import GeneralSpec
+
+        spec = GeneralSpec.from_spec(spec, int(scenario.cluster.B))
+    return spec
+
+
 def single_runner(engine: str = "exact", dt: float | None = None, service=None):
     """The one-replica simulator of an engine: ``fn(key, params, spec, policy, record_times=None) ->
     (final_state, trajectory)``. "exact" is the event-by-event CTMC; "stepped" the time-stepped
@@ -155,7 +168,7 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
     non-exponential law runs the "general" engine (:mod:`jaxq.sim.general`; engine "exact" switches to
     it, "stepped" refuses); engine "general" may also be asked for by name.
     """
-    from .general import GeneralSpec, ServiceLaw
+    from .general import ServiceLaw
 
     law = ServiceLaw.of(service)
     if engine not in ENGINES:
@@ -176,10 +189,7 @@ def run(scenario: Scenario, policy: str | AbstractPolicy = "gg-sp", *, n: int | 
         theta = np.maximum(scenario.classes.theta, 1e-3)
         room = int(min(2**14, 1.25 * np.max(n * scenario.classes.lam / theta) + 64))
     params, lp, plan = make_params(scenario, pol, n, horizon, warmup, lp_solution=lp_solution)
-    spec = SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, num_buffers=pol.num_buffers,
-                   convention=convention, dtype=dtype)
-    if engine in SHAPED_BY_B:
-        spec = GeneralSpec.from_spec(spec, scenario.cluster.B)
+    spec = engine_spec(engine, scenario, n, room, pol, convention, dtype)
     keys = jax.random.split(jax.random.key(seed), replicas)
     if engine == "stepped":
         from . import stepped

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..metrics.summary import Estimate, replica_metrics, summarize
 from ..policies import get_policy
-from ..sim.api import make_params, single_runner
+from ..sim.api import engine_spec, make_params, single_runner
 from ..sim.state import EVENT_ROWS, SimSpec
 from . import outputs
 from .grid import Grid, Point, _digest, scenario_dict
@@ -141,13 +141,8 @@ def plan_chunks(points: Sequence[Point], max_batch: int, num_devices: int) -> li
 
 def _spec(point: Point) -> SimSpec:
     s = point.settings
-    spec = SimSpec(num_classes=point.scenario.num_classes, num_gpus=s["n"], room=s["room"],
-                   num_buffers=get_policy(s["policy"]).num_buffers, convention=s["convention"], dtype=s["dtype"])
-    if s["engine"] == "population":  # B is a shape there (part of the point's static key)
-        from ..sim.general import GeneralSpec
-
-        spec = GeneralSpec.from_spec(spec, int(point.scenario.cluster.B))
-    return spec
+    return engine_spec(s["engine"], point.scenario, s["n"], s["room"], get_policy(s["policy"]), s["convention"],
+                       s["dtype"])
 
 
 def preflight(points: Sequence[Point]) -> None:
