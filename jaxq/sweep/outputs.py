@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -254,20 +255,44 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line progress report on stderr, redrawn with a carriage return (no dependency)."""
+    """A one-line progress report on stderr, redrawn with a carriage return (no dependency).
 
-    def __init__(self, total: int, done: int = 0, stream=None, enabled: bool = True):
+    Points are counted when their chunk finishes, and a chunk can run for minutes (at paper size, one
+    policy's points), so the line also names the chunk running and, while enabled, a background thread
+    redraws it every ``tick`` seconds (default: 1 s on a terminal, 30 s into a file or pipe): the elapsed
+    time moves even when no point has finished."""
+
+    def __init__(self, total: int, done: int = 0, stream=None, enabled: bool = True, tick: float | None = None):
         self.total, self.done, self.start_done = total, done, done
         self.events = 0
         self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled
         self.t0 = time.perf_counter()
         self.width = 0
+        self.running = ""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = None
+        if tick is None:
+            tick = 1.0 if getattr(self.stream, "isatty", lambda: False)() else 30.0
+        if enabled and tick > 0:
+            self._ticker = threading.Thread(target=self._tick, args=(tick,), daemon=True)
+            self._ticker.start()
+        self.draw()
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.draw()
+
+    def start_chunk(self, index: int, count: int, points: int) -> None:
+        """Chunk ``index`` (0-based) of ``count``, with ``points`` points, starts now."""
+        self.running = f"running {points} (chunk {index + 1}/{count})"
         self.draw()
 
     def update(self, points: int, events: int) -> None:
         self.done += points
         self.events += events
+        self.running = ""
         self.draw()
 
     def line(self) -> str:
@@ -277,18 +302,23 @@ class Progress:
         left = elapsed / computed * (self.total - self.done) if computed else float("nan")
         if self.done >= self.total:
             left = 0.0
-        return (f"sweep {self.done}/{self.total} points | {rate:.3g} events/s | elapsed {_clock(elapsed)} | "
+        running = f" | {self.running}" if self.running else ""
+        return (f"sweep {self.done}/{self.total} points{running} | {rate:.3g} events/s | elapsed {_clock(elapsed)} | "
                 f"left {_clock(left)}")
 
     def draw(self) -> None:
         if not self.enabled:
             return
-        text = self.line()
-        self.stream.write("\r" + text.ljust(self.width))
-        self.stream.flush()
-        self.width = len(text)
+        with self._lock:
+            text = self.line()
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()

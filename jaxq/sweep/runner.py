@@ -163,13 +163,15 @@ def preflight(points: Sequence[Point]) -> None:
 
 
 def run_points(points: Sequence[Point], *, max_batch: int = DEFAULT_MAX_BATCH, devices=None,
-               on_chunk: Callable[[list[PointResult]], None] | None = None) -> list[PointResult]:
+               on_chunk: Callable[[list[PointResult]], None] | None = None,
+               on_start: Callable[[int, int, int], None] | None = None) -> list[PointResult]:
     """Simulate every point (all replicas) and return their results in the order given.
 
     devices: the devices to split replicas over (default ``jax.devices()``: every device of every
         process; under ``jax.distributed`` all processes must call this with the same points).
     on_chunk: called with each chunk's results as soon as they are on the host (write them, report
         progress); an exception from it stops the run.
+    on_start: called as ``on_start(chunk index, number of chunks, points in the chunk)`` before each chunk.
     """
     preflight(points)
     devices = list(jax.devices() if devices is None else devices)
@@ -177,7 +179,10 @@ def run_points(points: Sequence[Point], *, max_batch: int = DEFAULT_MAX_BATCH, d
     key_sharding, param_sharding = NamedSharding(mesh, P(None, "replica")), NamedSharding(mesh, P())
     lp_cache: dict[tuple, object] = {}
     results: dict[int, PointResult] = {}  # by id(point): any list of points, even from several grids
-    for chunk, size, r_pad in plan_chunks(points, max_batch, len(devices)):
+    chunks = plan_chunks(points, max_batch, len(devices))
+    for index, (chunk, size, r_pad) in enumerate(chunks):
+        if on_start is not None:
+            on_start(index, len(chunks), len(chunk))
         t0 = time.perf_counter()
         s = chunk[0].settings
         policy = get_policy(s["policy"])
@@ -299,7 +304,7 @@ def run_sweep(grid: Grid, out: str | Path, *, restart: bool = False, quiet: bool
             on_chunk(chunk_results)
 
     try:
-        run_points(todo, max_batch=max_batch, devices=devices, on_chunk=handle)
+        run_points(todo, max_batch=max_batch, devices=devices, on_chunk=handle, on_start=progress.start_chunk)
     finally:
         progress.close()
     if writer and todo:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -268,9 +269,16 @@ def test_cli_and_progress(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "0 simulated now" in out and err == ""
     stream = io.StringIO()
-    bar = Progress(10, 4, stream=stream)
+    bar = Progress(10, 4, stream=stream, tick=0.05)
+    bar.start_chunk(1, 3, 3)
+    assert stream.getvalue().endswith("running 3 (chunk 2/3) | 0 events/s | elapsed 0:00 | left ?")
+    drawn = stream.getvalue().count("\r")
+    time.sleep(0.3)
+    assert stream.getvalue().count("\r") > drawn  # the ticker redraws while a chunk runs
     bar.update(3, 1000)
-    assert "sweep 7/10 points" in stream.getvalue() and "left" in stream.getvalue()
+    bar.close()
+    assert "sweep 7/10 points | " in stream.getvalue() and "left" in stream.getvalue()
+    assert not bar._ticker.is_alive()
 
 
 def test_example_grid_parses():
