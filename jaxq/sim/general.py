@@ -73,6 +73,8 @@ from .state import (
     SimParams,
     SimSpec,
     SimState,
+    first_argmin,
+    first_argmin_2d,
     runs_slow,
 )
 
@@ -301,9 +303,9 @@ class _GeneralSim(_Sim):
         dt_abandon = jnp.where(total > 0, -jnp.log1p(-u[0]) / jnp.where(total > 0, total, 1), jnp.inf)
         dt_abandon = dt_abandon.astype(jnp.float64)
         # completions: the earliest finish over prefills and decode slots (absolute float64 times)
-        g_pre = jnp.argmin(state.prefill_finish).astype(_I32)
-        e_dec = jnp.argmin(state.decode_finish.ravel()).astype(_I32)
-        t_pre, t_dec = state.prefill_finish[g_pre], state.decode_finish.ravel()[e_dec]
+        g_pre = first_argmin(state.prefill_finish)
+        g_dec, slot_dec = first_argmin_2d(state.decode_finish)
+        t_pre, t_dec = state.prefill_finish[g_pre], state.decode_finish[g_dec, slot_dec]
         is_prefill = t_pre <= t_dec
         t_done = jnp.minimum(t_pre, t_dec)
         cls_arrival = jnp.argmin(state.next_arrival).astype(_I32)
@@ -340,8 +342,8 @@ class _GeneralSim(_Sim):
 
         # -- a completion: the earliest finish ----------------------------------------------------
         done = live & is_done
-        g = jnp.where(is_prefill, g_pre, e_dec // spec.max_batch).astype(_I32)
-        slot = jnp.where(is_prefill, 0, e_dec % spec.max_batch).astype(_I32)
+        g = jnp.where(is_prefill, g_pre, g_dec).astype(_I32)
+        slot = jnp.where(is_prefill, 0, slot_dec).astype(_I32)
         prefill_done = done & is_prefill
         state, pending_cls = self.finish_prefill(state, g, prefill_done)
         state = _count(state, PREFILL_DONE, pending_cls, post, prefill_done)

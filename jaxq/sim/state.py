@@ -193,3 +193,19 @@ def weighted_search(weights, v):
 
 
 _SHORT = 32  # entries summed and compared whole
+
+
+def first_argmin(x):
+    """``jnp.argmin`` of a 1-D array (the first minimum) by two plain reductions, the minimum and then
+    the least index attaining it: XLA's CPU argmin is a variadic (value, index) reduce, several times
+    slower per entry (docs/simulation.md, "What a step costs"). Without a NaN the same index."""
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(x == jnp.min(x), index, x.shape[-1])), x.shape[-1] - 1)
+
+
+def first_argmin_2d(x):
+    """(row, column) of the first minimum of a 2-D array in row-major order, as ``divmod(jnp.argmin(
+    x.ravel()), x.shape[1])`` would give: row minima (one plain pass), then :func:`first_argmin` over
+    the rows, then over that row."""
+    row = first_argmin(jnp.min(x, axis=1))
+    return row, first_argmin(x[row])
