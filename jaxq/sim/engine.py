@@ -229,6 +229,10 @@ class _Sim(eqx.Module):
     def view(self, params, state):
         return make_view(self.spec, params, state)
 
+    def buffer_row(self, b, cls):
+        """The row of decode buffer ``b``'s class-``cls`` room in the buffers' family (-1 for no class)."""
+        return jnp.where(cls >= 0, b * self.spec.num_classes + cls, -1)
+
     # -- the only functions that change a GPU -----------------------------------------------------
     def _retime(self, state, g, new_prefill_class, do):
         """Set GPU g's prefill class; move its decodes between the speed and prefill aggregates."""
@@ -300,7 +304,7 @@ class _Sim(eqx.Module):
         do = live & (cls >= 0) & (gpu >= 0) & (v.q_p[jnp.maximum(cls, 0)] > 0)
         g = jnp.maximum(gpu, 0)
         do = do & v.idle_prefill[g]
-        state = room_pop(state, "queue", cls, do & (cls >= 0))
+        state = room_pop(state, "queue", cls, do)
         state = self.start_prefill(state, g, cls, do)
         return _count(state, ADMITTED, cls, post, do)
 
@@ -313,8 +317,7 @@ class _Sim(eqx.Module):
         state = self.add_decode(state, gpu, pending_cls, post, do & (gpu >= 0))
         wait = do & (gpu < 0)
         b = jnp.clip(buf, 0, self.spec.num_buffers - 1)
-        row = jnp.where(pending_cls >= 0, b * self.spec.num_classes + pending_cls, -1)
-        state, lost = room_push(state, "buffers", row, state.t, wait)
+        state, lost = room_push(state, "buffers", self.buffer_row(b, pending_cls), state.t, wait)
         return self._lose(state, pending_cls, post, lost)
 
     def drain(self, key, params, state, post, live):
@@ -326,7 +329,7 @@ class _Sim(eqx.Module):
             k_b = key if b == 0 else jax.random.fold_in(key, b)
             gpu, _ = self.policy.route(k_b, v, params.targets, cls, jnp.int32(b))
             do = live & (cls >= 0) & (gpu >= 0)
-            state = room_pop(state, "buffers", jnp.where(cls >= 0, b * self.spec.num_classes + cls, -1), do)
+            state = room_pop(state, "buffers", self.buffer_row(b, cls), do)
             state = self.add_decode(state, gpu, cls, post, do)
         return state
 
@@ -426,7 +429,7 @@ class _Sim(eqx.Module):
         room_count = jnp.where(kind == 0, state.q_p[c], state.q_d[b, c])
         pos = jnp.minimum(jnp.floor(u[2] * room_count), room_count - 1).astype(_I32)
         state = room_remove(state, "queue", c, pos, other & (kind == 0))
-        state = room_remove(state, "buffers", b * num + c, pos, other & (kind == 1))
+        state = room_remove(state, "buffers", self.buffer_row(b, c), pos, other & (kind == 1))
         state = _count(state, ABANDON_PREFILL, c, post, other & (kind == 0))
         state = _count(state, ABANDON_DECODE, c, post, other & (kind == 1))
         # completions: the GPU in proportion to its share of the chosen kind's rate

@@ -336,7 +336,7 @@ class _GeneralSim(_Sim):
         room_count = jnp.where(kind == 0, state.q_p[c], state.q_d[b, c])
         pos = jnp.minimum(jnp.floor(u[2] * room_count), room_count - 1).astype(_I32)
         state = room_remove(state, "queue", c, pos, abandon & (kind == 0))
-        state = room_remove(state, "buffers", b * num + c, pos, abandon & (kind == 1))
+        state = room_remove(state, "buffers", self.buffer_row(b, c), pos, abandon & (kind == 1))
         state = _count(state, ABANDON_PREFILL, c, post, abandon & (kind == 0))
         state = _count(state, ABANDON_DECODE, c, post, abandon & (kind == 1))
 
