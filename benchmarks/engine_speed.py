@@ -1,9 +1,9 @@
-"""Superseded by `jaxq bench` (jaxq/bench.py), which measures all of this and more in one run; kept
+"""Superseded by `jaxq bench` (jaxq/benchmarks/bench.py), which measures all of this and more in one run; kept
 as an alias: `python benchmarks/engine_speed.py [--quick] [--out ...]` runs `jaxq bench`."""
 
 import sys
 
-from jaxq.bench import main
+from jaxq.benchmarks import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
-"""`python benchmarks/run.py [--quick] [--out PATH]`: the same as `jaxq bench` (see jaxq/bench.py)."""
+"""`python benchmarks/run.py [--quick] [--out PATH]`: the same as `jaxq bench` (see jaxq/benchmarks/bench.py)."""
 
 import sys
 
-from jaxq.bench import main
+from jaxq.benchmarks import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,11 +12,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "lp": ("jaxq.lp.cli", "solve the steady-state LPs of a scenario and print them"),
     "fluid": ("jaxq.fluid.cli", "integrate the fluid model under a policy and plot it"),
-    "simulate": ("jaxq.sim.cli", "simulate the exact CTMC under a policy, with confidence intervals"),
+    "simulate": ("jaxq.api.cli", "simulate the exact CTMC under a policy, with confidence intervals"),
     "calibrate": ("jaxq.model.calibration_cli", "fit alpha, beta, gamma from measurements"),
     "bandit": ("jaxq.bandits.cli", "run an offline-to-online linear bandit experiment"),
     "scenarios": ("jaxq.model.scenarios_cli", "list the bundled scenarios"),
-    "bench": ("jaxq.bench", "measure simulation speed (engines, peers, scaling) and write a JSON record"),
+    "bench": ("jaxq.benchmarks.bench", "measure simulation speed (engines, peers, scaling) and write a JSON record"),
     "sweep": ("jaxq.sweep.cli", "run a grid of scenarios x settings in batches, resumable, to CSV + manifest"),
     "reproduce": ("jaxq.experiments.reproduce", "reproduce one of the paper's experiments: data, figures, claims"),
     "tune": ("jaxq.tune.cli", "tune policy parameters by gradient through the fluid model (optax)"),

@@ -33,16 +33,37 @@ def _mapped_regions() -> int:
         return -1
 
 
+def _drop_programs():
+    from jaxq.sim.batch import clear_programs
+
+    clear_programs()
+    jax.clear_caches()
+
+
+# Mappings after which a test drops every compiled program (the kernel's default limit is 65,530).
+_MAPPINGS_HIGH = 45_000
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_programs(request):
     """Drop every compiled program after each test module. A serial run of the whole suite otherwise
     keeps hundreds of XLA:CPU executables alive in one process, each with its own memory mappings, and
-    the compiler crashed with a segmentation fault late in such a run (never in a module run alone).
-    ``JAXQ_TEST_MAPS=FILE`` appends each module's mapping count before and after, for diagnosis."""
+    XLA aborts (or segfaults in its compiler) once the process nears the kernel's vm.max_map_count
+    (never in a module run alone). ``JAXQ_TEST_MAPS=FILE`` appends each module's mapping count before
+    and after, for diagnosis."""
     yield
     before = _mapped_regions()
-    jax.clear_caches()
+    _drop_programs()
     log = os.environ.get("JAXQ_TEST_MAPS")
     if log:
         with open(log, "a") as fh:
             fh.write(f"{request.module.__name__} {before} {_mapped_regions()}\n")
+
+
+@pytest.fixture(autouse=True)
+def _bound_mappings():
+    """A module that compiles many programs (every engine x every policy) drops them part-way, when
+    the process holds more than _MAPPINGS_HIGH mappings."""
+    yield
+    if _mapped_regions() > _MAPPINGS_HIGH:
+        _drop_programs()

@@ -31,7 +31,7 @@ from jaxq.experiments.reproduce import estimate_rows
 from jaxq.fluid import integrate_scenario
 from jaxq.lp import solve_bundled
 from jaxq.metrics.summary import estimate
-from jaxq.sim.api import run
+from jaxq.api import run
 from jaxq.sim.state import INT_Y_MIXGROUP
 
 TITLE = "Sec 6.2, Figs 4-6: revenue, queues and occupancies converge to the fluid/LP limit as n grows"

@@ -20,7 +20,7 @@ import jaxq
 from jaxq.experiments.baselines import step_for
 from jaxq.experiments.reproduce import estimate_rows
 from jaxq.lp import solve_bundled, solve_separate
-from jaxq.sim.api import run
+from jaxq.api import run
 
 TITLE = "EC Table 1: the eight-class Dolly-15k workload, its LPs and the policies' simulated revenue"
 

@@ -20,7 +20,7 @@ import numpy as np
 
 import jaxq
 from jaxq.lp import solve_lp
-from jaxq.sim.api import run
+from jaxq.api import run
 
 _FIELDS = ["study", "policy", "n", "replicas", "horizon", "warmup", "num_mixed", "lp_value", "metric", "class",
            "mean", "se", "lo", "hi", "wall_s", "events"]

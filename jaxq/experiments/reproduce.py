@@ -40,6 +40,8 @@ EXPERIMENTS: dict[str, str] = {
     "sensitivity": "jaxq.experiments.sensitivity",
     "dolly": "jaxq.experiments.dolly",
     "service-laws": "jaxq.experiments.service_laws",
+    "stepped-bias": "jaxq.experiments.stepped_bias",
+    "tune-finite-n": "jaxq.experiments.tune_finite_n",
 }
 SIZES = ("smoke", "quick", "paper")
 

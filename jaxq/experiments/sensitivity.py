@@ -176,7 +176,7 @@ def reproduce(out, settings, log):
                 lp = solve_bundled(scenario)
                 if not lp.ok:
                     raise ValueError(f"LP {lp.status}: {lp.message}")
-                from jaxq.sim.api import run
+                from jaxq.api import run
 
                 log(f"gg-sp at {p} = {v}: n = {sim['n']}, {sim['replicas']} replicas, T = {sim['horizon']:g} s")
                 res = run(scenario, "gg-sp", n=sim["n"], replicas=sim["replicas"], horizon=sim["horizon"],

@@ -61,19 +61,17 @@ def service_law(name: str):
 def _runner(spec, policy, devices: tuple):
     """One jitted program per (spec, policy): a batch of (key, law) pairs, sharded over ``devices``."""
     import jax
-    from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from ..sim.general import run_single
+    from ..sim.batch import AXIS, shard
+    from ..sim.engines import runner
+
+    single = runner("general", spec, policy)
 
     def local(keys, laws, params):
-        return jax.vmap(lambda k, law: run_single(k, params, spec, policy, law=law)[0])(keys, laws)
+        return jax.vmap(lambda k, law: single(k, params, law=law)[0])(keys, laws)
 
-    if len(devices) == 1:
-        return jax.jit(local)
-    mesh = Mesh(np.array(devices), ("replica",))
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("replica"), P("replica"), P()),
-                                 out_specs=P("replica"), check_vma=False))
+    return shard(local, devices, (P(AXIS), P(AXIS), P()), P(AXIS))
 
 
 def simulate_laws(scenario, policy_name: str, laws: list[str], n: int, replicas: int, horizon: float, warmup: float,
@@ -85,22 +83,19 @@ def simulate_laws(scenario, policy_name: str, laws: list[str], n: int, replicas:
 
     from ..metrics import replica_metrics
     from ..policies import get_policy
-    from ..sim.api import make_params
-    from ..sim.general import GeneralSpec
+    from ..api import make_params
+    from ..sim.batch import engine_spec, padded
     from ..sim.state import EVENT_ROWS
 
     policy = get_policy(policy_name)
     params, _, _ = make_params(scenario, policy, n, horizon, warmup)
-    theta = np.maximum(scenario.classes.theta, 1e-3)
-    room = int(min(2**14, 1.25 * np.max(n * scenario.classes.lam / theta) + 64))  # as jaxq.sim.api.run
-    spec = GeneralSpec(scenario.num_classes, n, room=room, num_buffers=policy.num_buffers,
-                       max_batch=scenario.cluster.B)
+    spec = engine_spec("general", scenario, n)
     L = len(laws)
     keys = jnp.tile(jax.random.split(jax.random.key(seed), replicas), L)  # entry l*R + r: law l, replica r
     law_arrays = [service_law(name).arrays() for name in laws]
     batch = jax.tree_util.tree_map(lambda *a: jnp.repeat(jnp.stack(a), replicas, axis=0), *law_arrays)
     devices = tuple(jax.local_devices())
-    pad = -(L * replicas) % len(devices)
+    pad = padded(L * replicas, len(devices)) - L * replicas
     if pad:
         keys = jnp.concatenate([keys, keys[:pad]])
         batch = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a[:pad]]), batch)

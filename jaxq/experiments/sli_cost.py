@@ -43,7 +43,7 @@ import jaxq
 from jaxq.experiments.reproduce import estimate_row, estimate_rows
 from jaxq.lp import Bound, build_lp, solve_bundled, solve_sli, tpot_ratio
 from jaxq.metrics.summary import estimate
-from jaxq.sim.api import run
+from jaxq.api import run
 
 TITLE = "Sec 6.4, Fig 8: revenue and shadow price of each SLI bound as it tightens (LP paths + SLI-aware sims)"
 

@@ -1,115 +1,131 @@
-"""Bias of the time-stepped engine against the exact one, as the step shrinks (docs/time-stepped.md).
+"""The time-stepped engine's bias against the exact engine, per policy and step (docs/time-stepped.md).
 
-    python -m jaxq.experiments.stepped_bias run --n 50 --replicas 64 --horizon 1000 \\
-        --policies gg-sp,fi-wsp --dts 0.035,0.02,0.01,0.005 --out docs/results/stepped-bias.csv
-    python -m jaxq.experiments.stepped_bias plot docs/results/stepped-bias.csv docs/figures/stepped-bias.png
+    jaxq reproduce stepped-bias --size quick
 
-Each (policy, engine, dt) row holds the replica mean, standard error and 95% interval of the bundled
-revenue per GPU, and the difference from the exact engine with its standard error (independent
-replicas, so the two SEs add in quadrature). Rows are appended as they finish.
+On the canonical instance, each policy is simulated by the exact engine and by the time-stepped engine
+at each step ``dt`` from independent replicas; the bias is stepped minus exact (SEs added in
+quadrature), reported for the bundled revenue as a percentage of R* and for the per-class occupancy
+x_i. The policies are the built-ins and the example policies of ``examples/routing.py`` (written per
+job: the stepped engine runs them through the per-job bulk forms it derives from their routers), when
+that file is there (a source checkout).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-import time
+from pathlib import Path
 
 import numpy as np
 
-FIELDS = ("scenario", "policy", "n", "replicas", "horizon", "warmup", "engine", "dt", "revenue", "revenue_se",
-          "x0", "x1", "bias", "bias_se", "bias_pct_of_lp", "lp_value", "wall_s")
+TITLE = "Time-stepped engine: revenue and occupancy bias against the exact engine, per policy and step"
+BUILT_INS = ("gg-sp", "priority", "sli", "fi-wsp", "gi-wsp", "gf-wsp", "fg-sp", "gg-sp-hb")
+EXAMPLES = ("examples/routing.py:jsq", "examples/routing.py:power_of_two")
+SIZES = {
+    "smoke": {"n": 10, "replicas": 4, "horizon": 60.0, "warmup": 20.0, "policies": ["gg-sp", "fi-wsp"],
+              "examples": EXAMPLES[:1], "dts": [0.02], "scan_policy": "gg-sp", "scan_dts": [], "seed": 0},
+    "quick": {"n": 50, "replicas": 64, "horizon": 1_000.0, "warmup": 200.0, "policies": list(BUILT_INS),
+              "examples": list(EXAMPLES), "dts": [0.02], "scan_policy": "gg-sp", "scan_dts": [0.035, 0.01],
+              "seed": 0},
+    "paper": {"n": 500, "replicas": 32, "horizon": 1_000.0, "warmup": 200.0, "policies": list(BUILT_INS),
+              "examples": list(EXAMPLES), "dts": [0.02], "scan_policy": "gg-sp", "scan_dts": [0.035, 0.01],
+              "seed": 0},
+}
+# the bound the default step is chosen by (docs/time-stepped.md): |bias| < 0.5% of R* with 95% confidence
+BOUND_PCT = 0.5
+REPO = Path(__file__).resolve().parents[2]
 
 
-def run(args) -> None:
+def _policies(settings, log):
+    from ..policies import load_policy
+
+    out = [load_policy(name) for name in settings["policies"]]
+    for spec in settings["examples"]:
+        path, _, name = spec.rpartition(":")
+        where = REPO / path
+        if where.is_file():
+            out.append(load_policy(f"{where}:{name}"))
+        else:
+            log(f"skipped {spec}: {where} is not there (the examples live in a source checkout)")
+    return out
+
+
+def reproduce(out, settings, log):
     import jaxq
-    from jaxq.sim.api import run as simulate
 
-    scenario = jaxq.load_scenario(args.scenario)
-    warmup = 0.2 * args.horizon
-    new = not os.path.exists(args.out)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "a", newline="") as fh:
-        out = csv.DictWriter(fh, FIELDS)
-        if new:
-            out.writeheader()
-        for policy in args.policies.split(","):
-            t = time.perf_counter()
-            exact = simulate(scenario, policy, n=args.n, replicas=args.replicas, horizon=args.horizon,
-                             warmup=warmup, seed=args.seed)
-            rows = [("exact", None, exact, time.perf_counter() - t)]
-            for dt in [float(v) for v in args.dts.split(",")]:
-                t = time.perf_counter()
-                r = simulate(scenario, policy, n=args.n, replicas=args.replicas, horizon=args.horizon,
-                             warmup=warmup, seed=args.seed + 1, engine="stepped", dt=dt)
-                rows.append(("stepped", dt, r, time.perf_counter() - t))
-            e = exact.summary["revenue_bundled"]
-            for engine, dt, r, wall in rows:
-                s = r.summary["revenue_bundled"]
-                bias = float(s.mean - e.mean)
-                bias_se = float(np.hypot(s.se, e.se)) if engine == "stepped" else 0.0
-                x = r.summary["x"].mean
-                out.writerow(dict(scenario=args.scenario, policy=policy, n=args.n, replicas=args.replicas,
-                                  horizon=args.horizon, warmup=warmup, engine=engine, dt=dt if dt else "",
-                                  revenue=float(s.mean), revenue_se=float(s.se), x0=float(x[0]), x1=float(x[1]),
-                                  bias=bias, bias_se=bias_se, bias_pct_of_lp=100 * bias / r.lp_value,
-                                  lp_value=r.lp_value, wall_s=wall))
-                fh.flush()
-                print(f"{policy:8s} {engine:8s} dt={dt} revenue {float(s.mean):.3f} ± {1.96 * float(s.se):.3f} "
-                      f"bias {bias:+.3f} ± {1.96 * bias_se:.3f} ({100 * bias / r.lp_value:+.2f}% of R*) [{wall:.0f} s]",
-                      flush=True)
+    scenario = jaxq.load_scenario("canonical")
+    kw = {k: settings[k] for k in ("n", "replicas", "horizon", "warmup")}
+    rows, table = [], []
+    for policy in _policies(settings, log):
+        exact = jaxq.run(scenario, policy, seed=settings["seed"], **kw)
+        dts = list(settings["dts"]) + (list(settings["scan_dts"]) if policy.name == settings["scan_policy"] else [])
+        for dt in sorted(dts):
+            approx = jaxq.run(scenario, policy, seed=settings["seed"] + 1, engine="stepped", dt=dt, **kw)
+            status = {**exact.status, **approx.status}
+            first = len(rows)
+            for metric in ("revenue_bundled", "x"):
+                e, s = exact.summary[metric], approx.summary[metric]
+                for k, (me, se_e, ms, se_s) in enumerate(zip(*(np.atleast_1d(v) for v in (e.mean, e.se, s.mean, s.se)))):
+                    bias, se = float(ms - me), float(np.hypot(se_e, se_s))
+                    rows.append({"policy": policy.name, "n": kw["n"], "replicas": kw["replicas"],
+                                 "horizon": kw["horizon"], "warmup": kw["warmup"], "dt": dt, "metric": metric,
+                                 "class": k if np.ndim(e.mean) else "", "exact": float(me), "exact_se": float(se_e),
+                                 "stepped": float(ms), "stepped_se": float(se_s), "bias": bias, "bias_se": se,
+                                 "bias_pct_of_lp": 100 * bias / exact.lp_value if metric == "revenue_bundled" else "",
+                                 "lp_value": exact.lp_value, "status": ";".join(f"{a}={b}" for a, b in status.items())})
+            r = rows[first]  # this dt's revenue row
+            table.append(r)
+            log(f"{policy.name:12s} dt={dt:<6g} revenue exact {r['exact']:.2f}, stepped {r['stepped']:.2f}: bias "
+                f"{r['bias_pct_of_lp']:+.3f}% ± {196 * r['bias_se'] / r['lp_value']:.3f}% of R*")
+    out.table("bias", rows)
+    _figure(out, table)
+    _claims(out, table, settings)
 
 
-def plot(args) -> None:
+def _figure(out, table):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(args.csv) as fh:
-        rows = [r for r in csv.DictReader(fh) if r["engine"] == "stepped"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        sel = sorted((r for r in rows if r["policy"] == policy), key=lambda r: float(r["dt"]))
-        dt = np.array([float(r["dt"]) for r in sel])
-        lp = np.array([float(r["lp_value"]) for r in sel])
-        b = np.array([float(r["bias"]) for r in sel]) / lp * 100
-        se = np.array([float(r["bias_se"]) for r in sel]) / lp * 100
-        ax.errorbar(dt, b, yerr=1.96 * se, marker="o", capsize=3, label=f"{policy} (n = {sel[0]['n']})")
-    ax.axhline(0, color="k", lw=0.8)
-    for y in (-0.5, 0.5):
-        ax.axhline(y, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("step dt (s)")
-    ax.set_ylabel("revenue bias vs exact engine (% of R*)")
-    ax.set_title("time-stepped engine: bias as the step shrinks (95% CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(args.png) or ".", exist_ok=True)
-    fig.savefig(args.png, dpi=120)
-    print(f"wrote {args.png}")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    default = [r for r in table if r["dt"] == 0.02] or table
+    names = [r["policy"] for r in default]
+    pct = np.array([r["bias_pct_of_lp"] for r in default])
+    half = np.array([196 * r["bias_se"] / r["lp_value"] for r in default])
+    left.errorbar(np.arange(len(names)), pct, yerr=half, fmt="o", capsize=3)
+    left.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
+    for y in (-BOUND_PCT, BOUND_PCT):
+        left.axhline(y, color="grey", ls="--", lw=0.8)
+    left.axhline(0, color="k", lw=0.8)
+    left.set_ylabel("revenue bias vs exact (% of R*)")
+    left.set_title(f"each policy at dt = {default[0]['dt']:g} s (95% CI)")
+    scan = {}
+    for r in table:
+        scan.setdefault(r["policy"], []).append(r)
+    for policy, pts in scan.items():
+        if len(pts) > 1:
+            pts = sorted(pts, key=lambda r: r["dt"])
+            right.errorbar([r["dt"] for r in pts], [r["bias_pct_of_lp"] for r in pts],
+                           yerr=[196 * r["bias_se"] / r["lp_value"] for r in pts], marker="o", capsize=3, label=policy)
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xlabel("step dt (s)")
+    right.set_ylabel("revenue bias (% of R*)")
+    right.set_title("as the step shrinks")
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
+    fig.suptitle(f"time-stepped vs exact engine, canonical instance, n = {default[0]['n']}")
+    out.figure("bias", fig)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m jaxq.experiments.stepped_bias", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--scenario", default="canonical")
-    r.add_argument("--n", type=int, default=50)
-    r.add_argument("--replicas", type=int, default=64)
-    r.add_argument("--horizon", type=float, default=1000.0)
-    r.add_argument("--policies", default="gg-sp,fi-wsp,gi-wsp,gf-wsp,fg-sp")
-    r.add_argument("--dts", default="0.035,0.02,0.01,0.005")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="docs/results/stepped-bias.csv")
-    r.set_defaults(fn=run)
-    q = sub.add_parser("plot")
-    q.add_argument("csv")
-    q.add_argument("png")
-    q.set_defaults(fn=plot)
-    args = p.parse_args(argv)
-    args.fn(args)
-
-
-if __name__ == "__main__":
-    main()
+def _claims(out, table, settings):
+    at = [r for r in table if r["dt"] == 0.02]
+    if not at:
+        return
+    worst = max(at, key=lambda r: abs(r["bias_pct_of_lp"]) + 196 * r["bias_se"] / r["lp_value"])
+    hi = abs(worst["bias_pct_of_lp"]) + 196 * worst["bias_se"] / worst["lp_value"]
+    decided = settings["replicas"] >= 32
+    out.claim("stepped-bias-bound", f"every policy's revenue bias at dt = 0.02 s is within {BOUND_PCT}% of R* (95%)",
+              hi < BOUND_PCT if decided else None,
+              f"largest |bias| + 1.96 SE: {hi:.3f}% of R* ({worst['policy']}, {len(at)} policies, n = {worst['n']}, "
+              f"{settings['replicas']} replicas per engine)" + ("" if decided else "; too few replicas to decide"))
+    for r in at:
+        out.number(f"bias_pct_{r['policy']}", [round(r["bias_pct_of_lp"], 4), round(196 * r["bias_se"] / r["lp_value"], 4)])

@@ -1,17 +1,8 @@
 """Model of the prefill/decode cluster (MODEL.md §1): scenarios, parameters, calibration."""
 
 from .config import list_scenarios, load_scenario, scenario_from_dict
-from .params import ModelParams, Spec
-from .scenario import (
-    PRICING_SCHEMES,
-    Cluster,
-    IterationTime,
-    JobClasses,
-    Pricing,
-    Rates,
-    Scenario,
-    service_rates,
-)
+from .params import ModelParams, Rates, Spec, service_rates
+from .scenario import PRICING_SCHEMES, Cluster, IterationTime, JobClasses, Pricing, Scenario
 
 __all__ = [
     "PRICING_SCHEMES", "Cluster", "IterationTime", "JobClasses", "ModelParams", "Pricing", "Rates",

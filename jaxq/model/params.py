@@ -9,12 +9,31 @@ primitives, so gradients flow to alpha, beta, gamma, P, D (issue 7).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from .._types import ClassVector, Scalar
-from .scenario import Scenario, service_rates
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Exponential service rates per class (1/s): prefill mu_p, decode on a prefilling GPU mu_m,
+    decode on a GPU without prefill mu_s."""
+
+    mu_p: np.ndarray
+    mu_m: np.ndarray
+    mu_s: np.ndarray
+
+
+def service_rates(P, D, C, tau, gamma) -> Rates:
+    """Paper eq. 4. Works on NumPy or JAX arrays alike (pure arithmetic)."""
+    return Rates(mu_p=C / (P * tau), mu_m=1.0 / (D * tau), mu_s=gamma / D)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from .params import ModelParams, Rates, Spec, service_rates
+
 PRICING_SCHEMES = ("bundled", "separate")
 PricingScheme = Literal["bundled", "separate"]
 
@@ -194,7 +196,7 @@ class Scenario:
         return self.timing.tau_mix(self.cluster.C)
 
     @property
-    def rates(self) -> "Rates":
+    def rates(self) -> Rates:
         return service_rates(self.classes.P, self.classes.D, self.cluster.C, self.tau, self.timing.gamma)
 
     @property
@@ -231,28 +233,9 @@ class Scenario:
         return dataclasses.replace(self, **top)
 
     # -- JAX views ---------------------------------------------------------------------------------
-    def params(self):
+    def params(self) -> ModelParams:
         """The array pytree for jitted code (:class:`jaxq.model.ModelParams`)."""
-        from .params import ModelParams
-
         return ModelParams.from_scenario(self)
 
-    def spec(self):
-        from .params import Spec
-
+    def spec(self) -> Spec:
         return Spec(num_classes=self.num_classes, num_gpus=self.cluster.n)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rates:
-    """Exponential service rates per class (1/s): prefill mu_p, decode on a prefilling GPU mu_m,
-    decode on a GPU without prefill mu_s."""
-
-    mu_p: np.ndarray
-    mu_m: np.ndarray
-    mu_s: np.ndarray
-
-
-def service_rates(P, D, C, tau, gamma) -> Rates:
-    """Paper eq. 4. Works on NumPy or JAX arrays alike (pure arithmetic)."""
-    return Rates(mu_p=C / (P * tau), mu_m=1.0 / (D * tau), mu_s=gamma / D)

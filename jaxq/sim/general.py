@@ -1,6 +1,6 @@
 """The general-service engine: the exact engine's policies with non-exponential prompt and output lengths.
 
-The exact engine (:mod:`jaxq.sim.engine`) simulates the CTMC of MODEL.md §2, where every phase is
+The exact engine (:mod:`jaxq.sim.exact`) simulates the CTMC of MODEL.md §2, where every phase is
 exponential. Here the prompt length P and output length D of each job follow a :class:`ServiceLaw`
 (exponential, deterministic or lognormal, with the scenario's means P_i and D_i), and the engine keeps
 each job's remaining work:
@@ -17,7 +17,7 @@ Remaining work is stored as the absolute time at which the job finishes at its c
 :func:`remaining_work` converts back to tokens: (finish - t) x speed). Between events every speed is
 constant, so these times stand still while every job's work drains at its speed; a speed changes only
 when a prefill starts or ends on a GPU, and then only that GPU's streams are re-timed (their remaining
-work kept, :meth:`_GeneralSim._rescale`). This is the "advance all remaining work by speed x elapsed
+work kept, :meth:`PerJob._rescale`). This is the "advance all remaining work by speed x elapsed
 time" bookkeeping done lazily: an event costs one read of the n x max_batch finish times (the argmin)
 and O(max_batch) writes, not a rewrite of every job's work.
 
@@ -36,13 +36,13 @@ quantile). These keys are independent of everything that decides k, so the lengt
 class; two policies on one key see the same sequence of lengths per class. Completions that coincide
 (deterministic lengths) are applied one per step at the same instant.
 
-The law is data inside the step (:class:`LawArrays`): a :class:`ServiceLaw` passed to
-:func:`run_single` is compiled in as constants, while ``ServiceLaw.arrays()`` passed as an argument lets
-one compiled program run every law (``vmap`` over laws, as ``jaxq reproduce service-laws`` does).
+The law is data inside the step (:class:`LawArrays`): one compiled program runs every law when the
+law is passed as an argument (``vmap`` over laws, as ``jaxq reproduce service-laws`` does).
 
-The decision logic (gate, routing, buffers, counters, time integrals, status) is the exact engine's,
-inherited unchanged: only the four functions that change a GPU are extended to keep the per-job work
-in step, and the step itself replaces the Gillespie choice of a completion by the earliest finish.
+This is a cluster of the event engine (:mod:`jaxq.sim.core`): the decision logic (gate, routing,
+buffers, counters, time integrals, status) is the core's; the per-GPU arrays are the exact engine's
+(:class:`~jaxq.sim.exact.PerGpu`, wrapped: its four functions that change a GPU are extended to keep
+the per-job work in step), and the next completion is the earliest finish instead of a Gillespie draw.
 Cost per event: one O(n x max_batch) read (the argmin of the finish times) on top of the exact
 engine's O(n) passes.
 """
@@ -51,35 +51,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key
 
-from .engine import _count, _Sim, _slow, _weighted_index, drive, room_remove, step_keys, stream_keys
-from .engine import init_state as _exact_init_state
-from .state import (
-    ABANDON_DECODE,
-    ABANDON_PREFILL,
-    ADMITTED,
-    CAPACITY_VIOLATED,
-    DECODE_DONE,
-    DECODE_STARTED,
-    NONFINITE,
-    PREFILL_DONE,
-    WAITED,
-    SimParams,
-    SimSpec,
-    SimState,
-    first_argmin,
-    first_argmin_2d,
-    runs_slow,
-)
-
-if TYPE_CHECKING:
-    from ..policies.base import AbstractPolicy
+from .core import ABANDON_BUFFER, ABANDON_QUEUE, DECODE, PREFILL, AbstractCluster, Event, weighted_index
+from .exact import AbstractGpuArrays, GpuArrays, PerGpu
+from .state import ADMITTED, CAPACITY_VIOLATED, DECODE_STARTED, SimParams, SimSpec, runs_slow
 
 _I32 = jnp.int32
 LAWS = ("exponential", "deterministic", "lognormal")
@@ -167,237 +147,176 @@ def phase_speeds(model):
     return model.C / tau, 1.0 / tau, model.gamma
 
 
-@dataclasses.dataclass(frozen=True)
-class GeneralSpec(SimSpec):
-    """:class:`SimSpec` plus ``max_batch``: decode slots tracked per GPU (the scenario's B; static, it
-    fixes the (n, max_batch) shape of the per-slot work). A run whose ``params.model.B`` exceeds it
-    raises the CAPACITY_VIOLATED status bit when a decode finds no slot."""
-
-    max_batch: int = dataclasses.field(kw_only=True)
-
-    def __post_init__(self):
-        super().__post_init__()
-        v = self.max_batch
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"invalid GeneralSpec field 'max_batch': must be an integer >= 1, got {v!r}")
-
-    @classmethod
-    def from_spec(cls, spec: SimSpec, max_batch: int) -> GeneralSpec:
-        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(SimSpec)}
-        return cls(**fields, max_batch=int(max_batch))
 
 
-def as_general_spec(spec: SimSpec, params: SimParams) -> GeneralSpec:
-    """``spec`` itself if it is a :class:`GeneralSpec`, else one with ``max_batch`` = params.model.B,
-    which must then be concrete (not traced)."""
-    if isinstance(spec, GeneralSpec):
-        return spec
-    try:
-        B = int(params.model.B)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError) as err:
-        raise ValueError("invalid field 'max_batch': under jit the general engine needs a GeneralSpec "
-                         "(GeneralSpec.from_spec(spec, max_batch=B)) to fix its slot arrays") from err
-    return GeneralSpec.from_spec(spec, B)
+def first_argmin(x):
+    """``jnp.argmin`` of a 1-D array (the first minimum) by two plain reductions, the minimum and then
+    the least index attaining it: XLA's CPU argmin is a variadic (value, index) reduce, several times
+    slower per entry (docs/simulation.md, "What a step costs"). Without a NaN the same index."""
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(x == jnp.min(x), index, x.shape[-1])), x.shape[-1] - 1)
 
 
-class GeneralState(SimState):
-    """The exact engine's state plus each job's remaining work, stored as the absolute time at which it
+def first_argmin_2d(x):
+    """(row, column) of the first minimum of a 2-D array in row-major order, as ``divmod(jnp.argmin(
+    x.ravel()), x.shape[1])`` would give: row minima (one plain pass), then :func:`first_argmin` over
+    the rows, then over that row."""
+    row = first_argmin(jnp.min(x, axis=1))
+    return row, first_argmin(x[row])
+
+
+class JobArrays(AbstractGpuArrays):
+    """The per-GPU arrays plus each job's remaining work, stored as the absolute time at which it
     finishes at its current speed (see :func:`remaining_work` for the tokens left)."""
 
+    group: Int[Array, " n"]
+    prefill_class: Int[Array, " n"]
+    decodes: Int[Array, "n I"]
+    ndec: Int[Array, " n"]
     prefill_finish: Float[Array, " n"]  # when the running prefill finishes (+inf if none)
     decode_finish: Float[Array, "n S"]  # when each decode slot's stream finishes at its GPU's speed (+inf: empty)
     decode_class: Int[Array, "n S"]  # class in each decode slot, -1 if empty
     length_keys: Key[Array, "2 I"]  # the length stream of each (phase, class) (see the module docstring)
 
 
-def remaining_work(spec: SimSpec, params: SimParams, state: GeneralState):
+def remaining_work(spec: SimSpec, params: SimParams, state):
     """Tokens left: (of each GPU's prefill (n,), of each decode slot (n, max_batch)); 0 where empty.
     Works on one replica or a batch (leading axes)."""
     pre, slow, fast = phase_speeds(params.model)
+    jobs = state.gpus
     t = state.t[..., None]
-    speed = jnp.where(runs_slow(spec.convention, state.group, state.prefill_class), slow, fast)
-    left_p = jnp.where(state.prefill_class >= 0, (state.prefill_finish - t) * pre, 0.0)
-    left_d = jnp.where(state.decode_class >= 0, (state.decode_finish - t[..., None]) * speed[..., None], 0.0)
+    speed = jnp.where(runs_slow(spec.convention, jobs.group, jobs.prefill_class), slow, fast)
+    left_p = jnp.where(jobs.prefill_class >= 0, (jobs.prefill_finish - t) * pre, 0.0)
+    left_d = jnp.where(jobs.decode_class >= 0, (jobs.decode_finish - t[..., None]) * speed[..., None], 0.0)
     return left_p, left_d
 
 
-class _GeneralSim(_Sim):
+class PerJob(AbstractCluster):
+    """One row per GPU (the exact engine's :class:`~jaxq.sim.exact.PerGpu`, wrapped) plus each job's
+    remaining work; the next completion is the earliest finish."""
+
+    spec: SimSpec = eqx.field(static=True)
+    gpu: PerGpu
     law: LawArrays
     means: Float[Array, "2 I"]  # (P_i, D_i): the mean lengths, from the params of this run
     speeds: Float[Array, " 3"]  # tokens/s of a prefill, a slow decode, a fast decode (phase_speeds)
 
+    def __init__(self, spec: SimSpec, params: SimParams, law: LawArrays):
+        if spec.max_batch is None:
+            raise ValueError("invalid SimSpec field 'max_batch': the general engine needs it (the batch size B "
+                             "fixes its decode slots per GPU); see jaxq.sim.batch.engine_spec")
+        self.spec, self.gpu, self.law = spec, PerGpu(spec), law
+        self.means = jnp.stack([params.model.P, params.model.D]).astype(jnp.float64)
+        self.speeds = jnp.stack([jnp.asarray(v, jnp.float64) for v in phase_speeds(params.model)])
+
+    def init(self, params, groups, service_key):
+        n, S, num = self.spec.num_gpus, self.spec.max_batch, self.spec.num_classes
+        base = GpuArrays.empty(groups, num)
+        length_key = jax.random.fold_in(service_key, 2**31 - 1)
+        keys = jax.vmap(lambda p: jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(length_key, p), c))(
+            jnp.arange(num)))(jnp.arange(2))
+        return JobArrays(group=base.group, prefill_class=base.prefill_class, decodes=base.decodes, ndec=base.ndec,
+                         prefill_finish=jnp.full((n,), jnp.inf), decode_finish=jnp.full((n, S), jnp.inf),
+                         decode_class=jnp.full((n, S), -1, _I32), length_keys=keys)
+
+    def rows(self, state):
+        return self.gpu.rows(state)
+
     def _draw(self, state, phase: int, c, index):
         kind = self.law.kind[phase]
         mean = self.means[phase, jnp.maximum(c, 0)]
-        key = jax.random.fold_in(state.length_keys[phase, jnp.maximum(c, 0)], index)
+        key = jax.random.fold_in(state.gpus.length_keys[phase, jnp.maximum(c, 0)], index)
         return draw_length(key, kind, mean, self.law.cv)
 
     def _decode_speed(self, state, g):
-        return jnp.where(_slow(self.spec, state.group[g], state.prefill_class[g]), self.speeds[1], self.speeds[2])
+        jobs = state.gpus
+        slow = runs_slow(self.spec.convention, jobs.group[g], jobs.prefill_class[g])
+        return jnp.where(slow, self.speeds[1], self.speeds[2])
 
     def _rescale(self, state, g, old_speed, do):
         """GPU g's decode speed changed from ``old_speed``: its streams' remaining work (finish - t) x
         speed is kept, so their finish times move. Only GPU g changes speed at this instant."""
         new_speed = self._decode_speed(state, g)
-        row = state.decode_finish[g]
+        row = state.gpus.decode_finish[g]
         moved = jnp.where(jnp.isfinite(row), state.t + (row - state.t) * (old_speed / new_speed), row)
-        return eqx.tree_at(lambda s: s.decode_finish, state,
-                           state.decode_finish.at[g].set(jnp.where(do & (new_speed != old_speed), moved, row)))
+        return eqx.tree_at(lambda s: s.gpus.decode_finish, state,
+                           state.gpus.decode_finish.at[g].set(jnp.where(do & (new_speed != old_speed), moved, row)))
 
-    # -- the functions that change a GPU, extended with the per-job work ----------------------------
-    def start_prefill(self, state, g, c, do):
-        index = state.totals[ADMITTED, jnp.maximum(c, 0)]  # counted by the caller after this returns
-        old_speed = self._decode_speed(state, g)
-        state = self._rescale(super().start_prefill(state, g, c, do), g, old_speed, do)
-        end = state.t + self._draw(state, PROMPT, c, index) / self.speeds[0]
-        return eqx.tree_at(lambda s: s.prefill_finish, state,
-                           state.prefill_finish.at[g].set(jnp.where(do, end, state.prefill_finish[g])))
+    # -- the functions that change a GPU: the per-GPU ones, plus the per-job work ---------------------
+    def start_prefill(self, state, row, cls, do):
+        index = state.totals[ADMITTED, jnp.maximum(cls, 0)]  # counted by the caller after this returns
+        old_speed = self._decode_speed(state, row)
+        state = self._rescale(self.gpu.start_prefill(state, row, cls, do), row, old_speed, do)
+        end = state.t + self._draw(state, PROMPT, cls, index) / self.speeds[0]
+        finish = state.gpus.prefill_finish
+        return eqx.tree_at(lambda s: s.gpus.prefill_finish, state, finish.at[row].set(jnp.where(do, end, finish[row])))
 
-    def finish_prefill(self, state, g, do):
-        old_speed = self._decode_speed(state, g)
-        state, c = super().finish_prefill(state, g, do)
-        state = self._rescale(state, g, old_speed, do)
-        return eqx.tree_at(lambda s: s.prefill_finish, state,
-                           state.prefill_finish.at[g].set(jnp.where(do, jnp.inf, state.prefill_finish[g]))), c
+    def finish_prefill(self, state, row, do):
+        old_speed = self._decode_speed(state, row)
+        state, c, after = self.gpu.finish_prefill(state, row, do)
+        state = self._rescale(state, row, old_speed, do)
+        finish = state.gpus.prefill_finish
+        return eqx.tree_at(lambda s: s.gpus.prefill_finish, state,
+                           finish.at[row].set(jnp.where(do, jnp.inf, finish[row]))), c, after
 
-    def add_decode(self, state, g, c, post, do):
-        do = do & (g >= 0) & (c >= 0)
-        gg, cc = jnp.maximum(g, 0), jnp.maximum(c, 0)
-        index = state.totals[DECODE_STARTED, cc]
-        state = super().add_decode(state, g, c, post, do)
-        free = state.decode_class[gg] < 0
+    def add_decode(self, state, row, cls, do):
+        do = do & (row >= 0) & (cls >= 0)
+        gg, cc = jnp.maximum(row, 0), jnp.maximum(cls, 0)
+        index = state.totals[DECODE_STARTED, cc]  # counted by the caller after this returns
+        state = self.gpu.add_decode(state, row, cls, do)
+        jobs = state.gpus
+        free = jobs.decode_class[gg] < 0
         slot = jnp.argmax(free)
         ok = do & free[slot]
-        end = state.t + self._draw(state, OUTPUT, c, index) / self._decode_speed(state, gg)
+        end = state.t + self._draw(state, OUTPUT, cls, index) / self._decode_speed(state, gg)
         return eqx.tree_at(
-            lambda s: (s.decode_finish, s.decode_class, s.status), state,
-            (state.decode_finish.at[gg, slot].set(jnp.where(ok, end, state.decode_finish[gg, slot])),
-             state.decode_class.at[gg, slot].set(jnp.where(ok, cc, state.decode_class[gg, slot])),
+            lambda s: (s.gpus.decode_finish, s.gpus.decode_class, s.status), state,
+            (jobs.decode_finish.at[gg, slot].set(jnp.where(ok, end, jobs.decode_finish[gg, slot])),
+             jobs.decode_class.at[gg, slot].set(jnp.where(ok, cc, jobs.decode_class[gg, slot])),
              state.status | jnp.where(do & ~ok, CAPACITY_VIOLATED, 0)))
 
-    def remove_decode(self, state, g, c, do, slot=None):
-        """Remove a finished decode of class ``c`` from GPU ``g``; ``slot`` is its slot (required)."""
-        if slot is None:
-            raise TypeError("the general engine's remove_decode needs the finished decode's slot")
-        state = super().remove_decode(state, g, c, do)
-        do = do & (g >= 0) & (c >= 0)
-        gg = jnp.maximum(g, 0)
+    def remove_decode(self, state, row, cls, slot, do):
+        state = self.gpu.remove_decode(state, row, cls, slot, do)
+        do = do & (row >= 0) & (cls >= 0)
+        gg = jnp.maximum(row, 0)
+        jobs = state.gpus
         return eqx.tree_at(
-            lambda s: (s.decode_finish, s.decode_class), state,
-            (state.decode_finish.at[gg, slot].set(jnp.where(do, jnp.inf, state.decode_finish[gg, slot])),
-             state.decode_class.at[gg, slot].set(jnp.where(do, -1, state.decode_class[gg, slot]))))
+            lambda s: (s.gpus.decode_finish, s.gpus.decode_class), state,
+            (jobs.decode_finish.at[gg, slot].set(jnp.where(do, jnp.inf, jobs.decode_finish[gg, slot])),
+             jobs.decode_class.at[gg, slot].set(jnp.where(do, -1, jobs.decode_class[gg, slot]))))
 
-    # -- one step --------------------------------------------------------------------------------
-    def step(self, keys, params, state, seg_end):
-        spec = self.spec
-        num = spec.num_classes
-        class_keys, service_keys = keys
-        k_event, *k_decide = step_keys(service_keys, state.step)
-        dtype = jnp.dtype(spec.dtype)
-        u = jax.random.uniform(k_event, (3,), dtype=dtype)
-        m = jax.tree_util.tree_map(lambda a: a.astype(dtype), params.model)
-
-        # abandonment: a Gillespie clock on theta x waiting jobs [prefill queues | decode buffers]
+    def next_event(self, key, model, state):
+        """The earliest of an abandonment (a Gillespie clock on theta x waiting jobs, redrawn at every
+        event: memoryless) and the earliest finish over prefills and decode slots."""
+        num = self.spec.num_classes
+        m = model
+        u = jax.random.uniform(key, (3,), dtype=jnp.dtype(self.spec.dtype))
+        # abandonment: [prefill queues | decode buffers]
         rates = jnp.concatenate([m.theta * state.q_p, (m.theta[None, :] * state.q_d).ravel()])
         total = jnp.sum(rates)
         dt_abandon = jnp.where(total > 0, -jnp.log1p(-u[0]) / jnp.where(total > 0, total, 1), jnp.inf)
-        dt_abandon = dt_abandon.astype(jnp.float64)
+        t_abandon = state.t + dt_abandon.astype(jnp.float64)
+        e = weighted_index(u[1], rates)
+        in_buffer = e >= num
+        c_ab = jnp.where(in_buffer, (e - num) % num, e).astype(_I32)
+        b = jnp.where(in_buffer, (e - num) // num, 0).astype(_I32)
+        room_count = jnp.where(in_buffer, state.q_d[b, c_ab] if state.q_d.shape[0] else 0, state.q_p[c_ab])
+        pos = jnp.minimum(jnp.floor(u[2] * room_count), room_count - 1).astype(_I32)
         # completions: the earliest finish over prefills and decode slots (absolute float64 times)
-        g_pre = first_argmin(state.prefill_finish)
-        g_dec, slot_dec = first_argmin_2d(state.decode_finish)
-        t_pre, t_dec = state.prefill_finish[g_pre], state.decode_finish[g_dec, slot_dec]
+        jobs = state.gpus
+        g_pre = first_argmin(jobs.prefill_finish)
+        g_dec, slot_dec = first_argmin_2d(jobs.decode_finish)
+        t_pre, t_dec = jobs.prefill_finish[g_pre], jobs.decode_finish[g_dec, slot_dec]
         is_prefill = t_pre <= t_dec
         t_done = jnp.minimum(t_pre, t_dec)
-        cls_arrival = jnp.argmin(state.next_arrival).astype(_I32)
-        t_arrival = state.next_arrival[cls_arrival]
-        t_abandon = state.t + dt_abandon
-        t_service = jnp.minimum(t_abandon, t_done)
-        is_arrival = t_arrival <= t_service
-        is_done = ~is_arrival & (t_done <= t_abandon)
-        t_next = jnp.minimum(t_arrival, t_service)
-        stop = t_next > seg_end
-        t_new = jnp.where(stop, seg_end, t_next)
-        # (remaining work needs no update: finish times are absolute and speeds constant between events)
-        state = self.integrate(params, state, t_new)
-        live = ~stop
-        post = t_new >= params.warmup
-        waiting_before = state.q_p[cls_arrival]
-
-        # -- an arrival (own stream, exactly as the exact engine) -------------------------------
-        arrive = live & is_arrival
-        state = self.arrive(class_keys, m, state, cls_arrival, t_arrival, post, arrive)
-
-        # -- an abandonment: kind and class by rate, then a uniformly chosen waiting job -----------
-        abandon = live & ~is_arrival & ~is_done
-        e = _weighted_index(u[1], rates)
-        kind = (e >= num).astype(_I32)
-        c = jnp.where(kind == 1, (e - num) % num, e).astype(_I32)
-        b = jnp.where(kind == 1, (e - num) // num, 0)
-        room_count = jnp.where(kind == 0, state.q_p[c], state.q_d[b, c])
-        pos = jnp.minimum(jnp.floor(u[2] * room_count), room_count - 1).astype(_I32)
-        state = room_remove(state, "queue", c, pos, abandon & (kind == 0))
-        state = room_remove(state, "buffers", self.buffer_row(b, c), pos, abandon & (kind == 1))
-        state = _count(state, ABANDON_PREFILL, c, post, abandon & (kind == 0))
-        state = _count(state, ABANDON_DECODE, c, post, abandon & (kind == 1))
-
-        # -- a completion: the earliest finish ----------------------------------------------------
-        done = live & is_done
+        is_done = t_done <= t_abandon
         g = jnp.where(is_prefill, g_pre, g_dec).astype(_I32)
         slot = jnp.where(is_prefill, 0, slot_dec).astype(_I32)
-        prefill_done = done & is_prefill
-        state, pending_cls = self.finish_prefill(state, g, prefill_done)
-        state = _count(state, PREFILL_DONE, pending_cls, post, prefill_done)
-        decode_done = done & ~is_prefill
-        c_dec = state.decode_class[g, slot]
-        state = self.remove_decode(state, g, c_dec, decode_done, slot)
-        state = _count(state, DECODE_DONE, c_dec, post, decode_done)
+        c_done = jnp.where(is_prefill, jobs.prefill_class[g], jobs.decode_class[g, slot])
+        kind = jnp.where(is_done, jnp.where(is_prefill, PREFILL, DECODE),
+                         jnp.where(in_buffer, ABANDON_BUFFER, ABANDON_QUEUE)).astype(_I32)
+        return Event(t=jnp.minimum(t_abandon, t_done), kind=kind, job_class=jnp.where(is_done, c_done, c_ab).astype(_I32),
+                     buffer=b, pos=pos, row=g, slot=slot)
 
-        pending_cls = jnp.where(prefill_done, pending_cls, -1)
-        state = self.decide(k_decide, params, state, pending_cls, g, post, live)
-        state = _count(state, WAITED, cls_arrival, post, arrive & (state.q_p[cls_arrival] > waiting_before))
-        bad = ~jnp.isfinite(t_next) & live
-        return eqx.tree_at(lambda s: (s.step, s.status), state,
-                           (state.step + 1, state.status | jnp.where(bad, NONFINITE, 0)))
-
-
-def init_state(spec: GeneralSpec, params: SimParams, arrival_key, length_key, num_buffers: int,
-               partitioned: bool = True) -> GeneralState:
-    """The exact engine's empty state (same arrival stream) plus empty per-job work."""
-    base = _exact_init_state(spec, params, arrival_key, num_buffers, partitioned)
-    n, S = spec.num_gpus, spec.max_batch
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(SimState)}
-    return GeneralState(**fields, prefill_finish=jnp.full((n,), jnp.inf),
-                        decode_finish=jnp.full((n, S), jnp.inf), decode_class=jnp.full((n, S), -1, _I32),
-                        length_keys=jax.vmap(lambda p: jax.vmap(lambda c: jax.random.fold_in(
-                            jax.random.fold_in(length_key, p), c))(jnp.arange(spec.num_classes)))(jnp.arange(2)))
-
-
-def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None,
-               events_per_iteration: int = 1, *, law: ServiceLaw | LawArrays | str = "exponential"):
-    """Simulate one replica under ``law`` from an empty system to ``params.horizon``. Consumes ``key``.
-
-    ``law`` is a :class:`ServiceLaw` or law name (compiled in as constants), or :class:`LawArrays`
-    (data: ``vmap`` over it, or pass new laws without recompiling).
-
-    As :func:`jaxq.sim.engine.run_single` (same arrivals for the same key; same outputs), with the final
-    state a :class:`GeneralState`. ``spec`` should be a :class:`GeneralSpec`; a plain SimSpec is
-    accepted outside jit (max_batch is then ``params.model.B``)."""
-    law = law if isinstance(law, LawArrays) else ServiceLaw.of(law).arrays()
-    spec = as_general_spec(spec, params)
-    if policy.num_buffers != spec.num_buffers:
-        spec = dataclasses.replace(spec, num_buffers=policy.num_buffers)
-    means = jnp.stack([params.model.P, params.model.D]).astype(jnp.float64)
-    speeds = jnp.stack([jnp.asarray(v, jnp.float64) for v in phase_speeds(params.model)])
-    sim = _GeneralSim(spec, policy, law, means, speeds)
-    arrival_key, service_key = jax.random.split(key)  # the exact engine's split: common arrivals
-    length_key = jax.random.fold_in(service_key, 2**31 - 1)
-    state = init_state(spec, params, arrival_key, length_key, spec.num_buffers, policy.partitioned)
-    keys = stream_keys(arrival_key, service_key, spec.num_classes)
-    return drive(sim, keys, params, state, record_times, events_per_iteration)
-
-
-@eqx.filter_jit
-def simulate(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None,
-             events_per_iteration: int = 1, law: ServiceLaw | LawArrays | str = "exponential"):
-    """Replicas batched over ``keys`` (shape (R, ...)); ``params`` shared. Returns batched states."""
-    return jax.vmap(lambda k: run_single(k, params, spec, policy, record_times, events_per_iteration, law=law))(keys)
+    def consistent(self, state):
+        return jnp.bool_(True)

@@ -1,32 +1,32 @@
-"""The population engine: the exact engine's CTMC with GPUs counted by configuration, not stored one by one.
+"""The population engine's cluster: GPUs counted by configuration, not stored one by one.
 
-Every policy in :mod:`jaxq.policies` treats the GPUs of a group alike: it looks at a GPU only through
-its group, its running prefill and its decodes, and it picks "uniformly at random among the GPUs that
+A policy whose parts are *exchangeable* (:mod:`jaxq.policies.protocol`) looks at a GPU only through
+its group, its running prefill and its decodes, and picks "uniformly at random among the GPUs that
 ...". Two GPUs in the same *configuration* (group, class of the running prefill or none, decode streams
 per class) are then exchangeable, and the number of GPUs in each configuration is itself a Markov chain
-with the same law for every aggregate as the per-GPU chain (lumpability). This engine simulates that
+with the same law for every aggregate as the per-GPU chain (lumpability). This cluster simulates that
 chain:
 
 * the state holds ``pop[k]``, the number of GPUs in configuration k, for the K configurations allowed
-  by the slots (:func:`configurations`); the per-GPU fields of :class:`~jaxq.sim.state.SimState`
-  (``group``, ``prefill_class``, ``decodes``, ``ndec``) hold the configurations' constant attributes;
+  by the slots (:func:`configurations`); the configurations' attributes are constant tables;
 * the policies see one row per configuration, with ``View.weight = pop`` and the empty configurations
   masked out, so ``uniform_choice`` picks a uniform GPU by weighing each row by its count;
 * a completion picks a configuration in proportion to its share of the rate (count x per-GPU rate),
   exactly as the per-GPU engine picks a GPU; changing a GPU moves one unit of ``pop`` between two
   configurations through precomputed transition tables.
 
-Everything else (arrivals on their own stream, abandonment, waiting rooms, decision rounds, counters,
-time integrals, status bits) is the exact engine's code, unchanged (:class:`jaxq.sim.engine._Sim`).
+Everything else (arrivals, abandonment, waiting rooms, decisions, counters, time integrals, status
+bits) is the event engine's (:mod:`jaxq.sim.core`). A policy with a part that is not exchangeable is
+refused before tracing (:func:`jaxq.sim.engines.check`).
 
 Cost. An event costs O(K) instead of O(n): K does not grow with n. For one class with B = 1 (the
 M/M/c+M special case) K = 3; on the canonical instance (I = 2, B = 16, partitioned) K = 561, about the
 per-GPU engine's cost at n = 500, and far less at n = 5,000 or 50,000. K grows like B^I / I!, so for
 many classes and large batches the per-GPU engine is cheaper: :func:`num_configurations` says which.
 
-B is a shape here: the spec is a :class:`~jaxq.sim.general.GeneralSpec` whose ``max_batch`` fixes the
-configurations (:func:`jaxq.sim.api.run` sets it to the scenario's B). A ``params.model.B`` above it
-raises CAPACITY_VIOLATED at the first move the tables lack; one below it leaves some rows unused.
+B is a shape here (``spec.max_batch`` fixes the configurations; :func:`jaxq.sim.batch.engine_spec`
+sets it to the scenario's B). A ``params.model.B`` above it raises CAPACITY_VIOLATED at the first move
+the tables lack; one below it leaves some rows unused.
 """
 
 from __future__ import annotations
@@ -34,21 +34,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import TYPE_CHECKING
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int
 
-from .engine import _count, _Sim, drive, make_view, stream_keys
-from .engine import init_state as _exact_init_state
-from .general import GeneralSpec, as_general_spec
-from .state import ANY, CAPACITY_VIOLATED, DECODE_STARTED, MIXED, SOLO, SimParams, SimSpec, SimState, runs_slow
-
-if TYPE_CHECKING:
-    from ..policies.base import AbstractPolicy
+from ..policies.view import ANY, MIXED, SOLO
+from .core import AbstractCluster, Rows, gillespie_event
+from .state import CAPACITY_VIOLATED, SimSpec, runs_slow
 
 _I32 = jnp.int32
 # rows of the per-configuration contributions to the maintained aggregates
@@ -88,17 +81,21 @@ def _decode_vectors(num_classes: int, most: int):
 
 
 @functools.cache
-def configurations(num_classes: int, max_batch: int, partitioned: bool) -> Configurations:
-    """Every configuration a GPU can be in: with a partition, G_mix (a prefill of any class or none,
-    at most B - 1 decodes) and G_solo (no prefill, at most B decodes); without, "any" GPUs (at most B
-    jobs, at most one of them a prefill)."""
+def configurations(num_classes: int, max_batch: int, kinds: tuple[int, ...]) -> Configurations:
+    """Every configuration a GPU of the groups ``kinds`` (a partition's ``kinds``) can be in, group by
+    group in that order: G_mix (a prefill of any class or none, at most B - 1 decodes), G_solo (no
+    prefill, at most B decodes), "any" (at most B jobs, at most one of them a prefill)."""
     B, I = max_batch, num_classes
     rows = []
-    if partitioned:
-        rows += [(MIXED, p, d) for p in range(-1, I) for d in _decode_vectors(I, B - 1)]
-        rows += [(SOLO, -1, d) for d in _decode_vectors(I, B)]
-    else:
-        rows += [(ANY, p, d) for p in range(-1, I) for d in _decode_vectors(I, B - (p >= 0))]
+    for kind in kinds:
+        if kind == MIXED:
+            rows += [(MIXED, p, d) for p in range(-1, I) for d in _decode_vectors(I, B - 1)]
+        elif kind == SOLO:
+            rows += [(SOLO, -1, d) for d in _decode_vectors(I, B)]
+        elif kind == ANY:
+            rows += [(ANY, p, d) for p in range(-1, I) for d in _decode_vectors(I, B - (p >= 0))]
+        else:
+            raise ValueError(f"invalid field 'kinds': each must be SOLO, MIXED or ANY, got {kind!r}")
     where = {r: k for k, r in enumerate(rows)}
     K = len(rows)
     add = np.full((K, I), -1, np.int32)
@@ -118,28 +115,47 @@ def configurations(num_classes: int, max_batch: int, partitioned: bool) -> Confi
         ndec=np.array([sum(r[2]) for r in rows], np.int32), add=add, remove=remove, set_prefill=set_prefill)
 
 
-def num_configurations(num_classes: int, max_batch: int, partitioned: bool = True) -> int:
+def num_configurations(num_classes: int, max_batch: int, kinds: tuple[int, ...] = (MIXED, SOLO)) -> int:
     """K, the population engine's per-event cost in rows (the per-GPU engine's is n)."""
-    return configurations(num_classes, max_batch, partitioned).size
+    return configurations(num_classes, max_batch, tuple(kinds)).size
 
 
-class PopulationState(SimState):
-    """The exact engine's state with one row per configuration instead of one per GPU: ``group``,
-    ``prefill_class``, ``decodes`` and ``ndec`` are the configurations' (constant) attributes, and
-    ``pop`` counts the GPUs in each."""
+class PerConfiguration(AbstractCluster):
+    """One row per GPU configuration; ``state.gpus`` is ``pop``, the GPUs in each (K,)."""
 
-    pop: Int[Array, " K"]
+    spec: SimSpec = eqx.field(static=True)
+    kinds: tuple[int, ...] = eqx.field(static=True)
+    idle: tuple[int, ...] = eqx.field(static=True)  # the empty configuration of each kind
+    tables: dict  # the Configurations' attributes, transition tables and contributions, as arrays
 
+    def __init__(self, spec: SimSpec, kinds: tuple[int, ...]):
+        if spec.max_batch is None:
+            raise ValueError("invalid SimSpec field 'max_batch': the population engine needs it (the batch size B "
+                             "fixes its configurations); see jaxq.sim.batch.engine_spec")
+        self.spec, self.kinds = spec, tuple(kinds)
+        cfg = configurations(spec.num_classes, spec.max_batch, self.kinds)
+        I = spec.num_classes
+        onehot = (cfg.prefill[:, None] == np.arange(I)[None, :]).astype(np.int32)
+        slow = np.asarray(runs_slow(spec.convention, cfg.group, cfg.prefill))[:, None]
+        contrib = np.stack([onehot, cfg.decodes * slow, cfg.decodes * ~slow, cfg.decodes * (cfg.prefill >= 0)[:, None],
+                            cfg.decodes * (cfg.group == MIXED)[:, None]], axis=1).astype(np.int32)  # (K, 5, I)
+        self.idle = tuple(cfg.index(kind, -1, np.zeros(I, np.int32)) for kind in self.kinds)
+        self.tables = {"contrib": jnp.asarray(contrib), "add": jnp.asarray(cfg.add), "remove": jnp.asarray(cfg.remove),
+                       "set_prefill": jnp.asarray(cfg.set_prefill), "group": jnp.asarray(cfg.group),
+                       "prefill": jnp.asarray(cfg.prefill), "decodes": jnp.asarray(cfg.decodes),
+                       "ndec": jnp.asarray(cfg.ndec)}
 
-class _PopulationSim(_Sim):
-    tables: dict  # the Configurations' transition tables and contributions, as arrays
+    def init(self, params, groups, service_key):
+        """Every GPU idle, in its group's empty configuration."""
+        pop = jnp.zeros((self.tables["group"].shape[0],), _I32)
+        for kind, k in zip(self.kinds, self.idle):
+            pop = pop.at[k].set(jnp.sum(groups == kind, dtype=_I32))
+        return pop
 
-    def view(self, params, state):
-        v = make_view(self.spec, params, state)
-        there = state.pop > 0
-        return eqx.tree_at(lambda v: (v.free_decode, v.idle_prefill, v.weight), v,
-                           (jnp.where(there, v.free_decode, 0), v.idle_prefill & there, state.pop),
-                           is_leaf=lambda x: x is None)
+    def rows(self, state):
+        t = self.tables
+        return Rows(group=t["group"], prefill_class=t["prefill"], decodes=t["decodes"], ndec=t["ndec"],
+                    weight=state.gpus)
 
     def _move(self, state, k, new, do):
         """One GPU in configuration k moves to configuration ``new`` (where ``do``); a move the slots do
@@ -150,91 +166,38 @@ class _PopulationSim(_Sim):
         contrib = self.tables["contrib"]
         delta = (contrib[nn] - contrib[kk]) * one
         return eqx.tree_at(
-            lambda s: (s.pop, s.X, s.Y_speed, s.Y_pre, s.Y_mixgroup, s.status), state,
-            (state.pop.at[kk].add(-one).at[nn].add(one), state.X + delta[_X],
+            lambda s: (s.gpus, s.X, s.Y_speed, s.Y_pre, s.Y_mixgroup, s.status), state,
+            (state.gpus.at[kk].add(-one).at[nn].add(one), state.X + delta[_X],
              state.Y_speed + delta[_SLOW:_FAST + 1], state.Y_pre + delta[_PRE], state.Y_mixgroup + delta[_MIXGROUP],
              state.status | jnp.where(do & ~ok, CAPACITY_VIOLATED, 0)))
 
-    # -- the only functions that change a GPU ------------------------------------------------------
-    def start_prefill(self, state, g, c, do):
-        do = do & (c >= 0)
-        return self._move(state, g, self.tables["set_prefill"][jnp.maximum(g, 0), jnp.maximum(c, 0) + 1], do)
+    def start_prefill(self, state, row, cls, do):
+        do = do & (cls >= 0)
+        return self._move(state, row, self.tables["set_prefill"][jnp.maximum(row, 0), jnp.maximum(cls, 0) + 1], do)
 
-    def finish_prefill(self, state, g, do):
-        c = state.prefill_class[jnp.maximum(g, 0)]
-        return self._move(state, g, self.gpu_after_prefill(g), do & (c >= 0)), c
+    def finish_prefill(self, state, row, do):
+        c = self.tables["prefill"][jnp.maximum(row, 0)]
+        after = self.tables["set_prefill"][jnp.maximum(row, 0), 0]
+        return self._move(state, row, after, do & (c >= 0)), c, after
 
-    def add_decode(self, state, g, c, post, do):
-        do = do & (g >= 0) & (c >= 0)
-        state = self._move(state, g, self.tables["add"][jnp.maximum(g, 0), jnp.maximum(c, 0)], do)
-        return _count(state, DECODE_STARTED, c, post, do)
+    def add_decode(self, state, row, cls, do):
+        do = do & (row >= 0) & (cls >= 0)
+        return self._move(state, row, self.tables["add"][jnp.maximum(row, 0), jnp.maximum(cls, 0)], do)
 
-    def remove_decode(self, state, g, c, do):
-        do = do & (g >= 0) & (c >= 0)
-        return self._move(state, g, self.tables["remove"][jnp.maximum(g, 0), jnp.maximum(c, 0)], do)
-
-    def gpu_after_prefill(self, g):
-        return self.tables["set_prefill"][jnp.maximum(g, 0), 0]
+    def remove_decode(self, state, row, cls, slot, do):
+        do = do & (row >= 0) & (cls >= 0)
+        return self._move(state, row, self.tables["remove"][jnp.maximum(row, 0), jnp.maximum(cls, 0)], do)
 
     def completion_weights(self, state, kind, c):
-        # a configuration's share: its count times one GPU's share
-        return state.pop * super().completion_weights(state, kind, c)
+        """A configuration's share of the chosen completion's rate: its count times one GPU's share."""
+        t = self.tables
+        slow = runs_slow(self.spec.convention, t["group"], t["prefill"])
+        one = jnp.where(kind == 2, (t["prefill"] == c).astype(_I32), t["decodes"][:, c] * (slow == (kind == 3)))
+        return state.gpus * one
 
-    def capacity_ok(self, params, state):
-        return (super().capacity_ok(params, state) & jnp.all(state.pop >= 0)
-                & (jnp.sum(state.pop) == self.spec.num_gpus))
+    def next_event(self, key, model, state):
+        return gillespie_event(key, model, state, lambda kind, c: self.completion_weights(state, kind, c),
+                               jnp.dtype(self.spec.dtype))
 
-
-def _tables(spec: GeneralSpec, partitioned: bool) -> tuple[Configurations, dict]:
-    cfg = configurations(spec.num_classes, spec.max_batch, partitioned)
-    I = spec.num_classes
-    onehot = (cfg.prefill[:, None] == np.arange(I)[None, :]).astype(np.int32)
-    slow = np.asarray(runs_slow(spec.convention, cfg.group, cfg.prefill))[:, None]
-    contrib = np.stack([onehot, cfg.decodes * slow, cfg.decodes * ~slow, cfg.decodes * (cfg.prefill >= 0)[:, None],
-                        cfg.decodes * (cfg.group == MIXED)[:, None]], axis=1).astype(np.int32)  # (K, 5, I)
-    tables = {"contrib": jnp.asarray(contrib), "add": jnp.asarray(cfg.add), "remove": jnp.asarray(cfg.remove),
-              "set_prefill": jnp.asarray(cfg.set_prefill)}
-    return cfg, tables
-
-
-def init_state(spec: GeneralSpec, params: SimParams, arrival_key, num_buffers: int,
-               partitioned: bool = True) -> PopulationState:
-    """Every GPU idle: G_mix's num_mixed and G_solo's n - num_mixed (or n "any" GPUs). The arrival
-    stream is the exact engine's (same key: the same arrivals)."""
-    base = _exact_init_state(spec, params, arrival_key, num_buffers, partitioned)  # per-GPU fields unused
-    n = spec.num_gpus
-    cfg, _ = _tables(spec, partitioned)
-    zero = np.zeros(spec.num_classes, np.int32)
-    pop = jnp.zeros((cfg.size,), _I32)
-    if partitioned:
-        mixed = jnp.clip(params.targets.num_mixed, 0, n).astype(_I32)
-        pop = pop.at[cfg.index(MIXED, -1, zero)].set(mixed).at[cfg.index(SOLO, -1, zero)].set(n - mixed)
-    else:
-        pop = pop.at[cfg.index(ANY, -1, zero)].set(n)
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(SimState)}
-    fields.update(group=jnp.asarray(cfg.group), prefill_class=jnp.asarray(cfg.prefill),
-                  decodes=jnp.asarray(cfg.decodes), ndec=jnp.asarray(cfg.ndec))
-    return PopulationState(**fields, pop=pop)
-
-
-def run_single(key, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None,
-               events_per_iteration: int = 1):
-    """As :func:`jaxq.sim.engine.run_single` (same arrivals for the same key; same outputs), with the
-    final state a :class:`PopulationState`. ``spec`` should be a :class:`GeneralSpec` (``max_batch`` =
-    B); a plain SimSpec is accepted outside jit."""
-    spec = as_general_spec(spec, params)
-    if policy.num_buffers != spec.num_buffers:
-        spec = dataclasses.replace(spec, num_buffers=policy.num_buffers)
-    _, tables = _tables(spec, policy.partitioned)
-    sim = _PopulationSim(spec, policy, tables)
-    arrival_key, service_key = jax.random.split(key)
-    state = init_state(spec, params, arrival_key, spec.num_buffers, policy.partitioned)
-    keys = stream_keys(arrival_key, service_key, spec.num_classes)
-    return drive(sim, keys, params, state, record_times, events_per_iteration)
-
-
-@eqx.filter_jit
-def simulate(keys, params: SimParams, spec: SimSpec, policy: AbstractPolicy, record_times=None,
-             events_per_iteration: int = 1):
-    """Replicas batched over ``keys`` (shape (R, ...)); ``params`` shared. Returns batched states."""
-    return jax.vmap(lambda k: run_single(k, params, spec, policy, record_times, events_per_iteration))(keys)
+    def consistent(self, state):
+        return jnp.all(state.gpus >= 0) & (jnp.sum(state.gpus) == self.spec.num_gpus)

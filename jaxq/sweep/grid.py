@@ -39,6 +39,7 @@ import tomllib
 from ..model.config import load_scenario
 from ..model.scenario import Cluster, IterationTime, JobClasses, Pricing, Scenario
 from ..policies import POLICIES, get_policy
+from ..sim.batch import default_room
 
 ENGINES = ("exact", "stepped", "population")
 
@@ -269,7 +270,7 @@ class Grid:
 
 
 def _default_rooms(points: list[Point]) -> None:
-    """Size the waiting room as jaxq.sim.api.run does (a queue nobody serves is Poisson(n lam/theta)), but
+    """Size the waiting room as :func:`jaxq.sim.batch.default_room` does, but
     take the largest over each shape group so that a sweep over rates compiles once. It depends only on the
     grid, not on chunking or resumption, and is part of every point's hash."""
     groups: dict[tuple, list[Point]] = {}
@@ -277,10 +278,7 @@ def _default_rooms(points: list[Point]) -> None:
         if p.settings["room"] is None:
             groups.setdefault(p.static_key(), []).append(p)
     for members in groups.values():
-        need = max(
-            int(min(2**14, 1.25 * np.max(p.n * p.scenario.classes.lam / np.maximum(p.scenario.classes.theta, 1e-3))
-                    + 64))
-            for p in members)
+        need = max(default_room(p.scenario, p.n) for p in members)
         for p in members:
             p.settings["room"] = need
 

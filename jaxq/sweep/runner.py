@@ -7,10 +7,9 @@ stacked :class:`SimParams`; the group is cut into equal chunks of at most ``max_
 replicas (the last chunk padded with copies of its last point, so every call has the same shape and
 nothing recompiles), which bounds memory.
 
-The replica axis is split over devices with ``shard_map`` on a one-axis ``Mesh``: each device runs its
-own while-loop over its replicas with no communication (a plain ``jit`` with sharded inputs would
-all-reduce the loop condition every event). The replica count is padded up to a multiple of the device
-count; the padding replicas are extra keys of the same point, computed and dropped.
+The replica axis is split over devices by :func:`jaxq.sim.batch.shard` (each device runs its own
+while-loop over its replicas with no communication). The replica count is padded up to a multiple of
+the device count; the padding replicas are extra keys of the same point, computed and dropped.
 
 Keys are a function of the point alone (see :attr:`Point.stream`), so a point's numbers do not depend
 on its chunk, on resumption, or on the number of devices.
@@ -29,12 +28,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..metrics.summary import Estimate, replica_metrics, summarize
 from ..policies import get_policy
-from ..sim.api import engine_spec, make_params, single_runner
+from ..api import make_params
+from ..sim.batch import AXIS, engine_spec, mesh, padded, shard
+from ..sim.engines import runner
 from ..sim.state import EVENT_ROWS, SimSpec
 from . import outputs
 from .grid import Grid, Point, _digest, scenario_dict
@@ -80,14 +81,13 @@ def replica_keys(points: Sequence[Point], num: int) -> np.ndarray:
 
 
 @functools.cache
-def _batched(engine: str, dt: float | None, spec: SimSpec, policy_name: str, mesh: Mesh):
+def _batched(engine: str, dt: float | None, spec: SimSpec, policy_name: str, devices: tuple):
     """The jitted group function: (key data (P, R, ...), stacked params (P, ...)) -> final-state fields
-    (P, R, ...). Replicas split over the mesh; points and each device's replicas are vmapped."""
-    single = single_runner(engine, dt)
-    policy = get_policy(policy_name)
+    (P, R, ...). Replicas split over the devices; points and each device's replicas are vmapped."""
+    single = runner(engine, spec, get_policy(policy_name), dt=dt)
 
     def one(key_data, params):
-        state, _ = single(jax.random.wrap_key_data(key_data), params, spec, policy)
+        state, _ = single(jax.random.wrap_key_data(key_data), params)
         return {f: getattr(state, f) for f in _FIELDS}
 
     def local(key_data, params):
@@ -95,11 +95,7 @@ def _batched(engine: str, dt: float | None, spec: SimSpec, policy_name: str, mes
         TRACE_COUNT += 1  # trace-time side effect: counts compiles, not calls
         return jax.vmap(jax.vmap(one, in_axes=(0, None)))(key_data, params)
 
-    # check_vma=False: the engines' loop carries start replica-invariant (zeros) and become per-replica; the
-    # body has no collectives, so the varying-axis type check has nothing to protect here.
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(None, "replica"), P()), out_specs=P(None, "replica"),
-                            check_vma=False)
-    return jax.jit(sharded)
+    return shard(local, devices, (P(None, AXIS), P()), P(None, AXIS))
 
 
 def _put(x: np.ndarray, sharding) -> jax.Array:
@@ -129,8 +125,7 @@ def plan_chunks(points: Sequence[Point], max_batch: int, num_devices: int) -> li
         raise ValueError(f"invalid field 'max_batch': must be an integer >= 1, got {max_batch!r}")
     out = []
     for members in _groups(points):
-        R = members[0].settings["replicas"]
-        r_pad = -(-R // num_devices) * num_devices
+        r_pad = padded(members[0].settings["replicas"], num_devices)
         per_call = max(1, max_batch // r_pad)
         num_chunks = -(-len(members) // per_call)
         size = -(-len(members) // num_chunks)  # equal chunks: the least padding
@@ -141,22 +136,21 @@ def plan_chunks(points: Sequence[Point], max_batch: int, num_devices: int) -> li
 
 def _spec(point: Point) -> SimSpec:
     s = point.settings
-    return engine_spec(s["engine"], point.scenario, s["n"], s["room"], get_policy(s["policy"]), s["convention"],
-                       s["dtype"])
+    return engine_spec(s["engine"], point.scenario, s["n"], s["room"], s["convention"], s["dtype"])
 
 
 def preflight(points: Sequence[Point]) -> None:
-    """Trace (abstractly: no compile, ~0.1-0.4 s) the single-replica simulator of every shape group, so a
-    combination the engine refuses at trace time (say, a policy the stepped engine cannot run) fails
-    before the first group runs, naming a point."""
+    """Check and trace (abstractly: no compile, ~0.1-0.4 s) the single-replica simulator of every shape
+    group, so a combination an engine refuses (say, a policy the population engine cannot run exactly)
+    fails before the first group runs, naming a point."""
     for members in _groups(points):
         p = members[0]
         s = p.settings
         policy = get_policy(s["policy"])
         params, _, _ = make_params(p.scenario, policy, s["n"], s["horizon"], s["warmup"], max_steps=s["max_steps"])
-        single = single_runner(s["engine"], s["dt"])
         try:
-            jax.eval_shape(lambda k, pr: single(k, pr, _spec(p), policy)[0], jax.random.key(0), params)  # noqa: B023
+            single = runner(s["engine"], _spec(p), policy, dt=s["dt"])
+            jax.eval_shape(lambda k, pr: single(k, pr)[0], jax.random.key(0), params)  # noqa: B023
         except ValueError as err:
             label = p.label()
             raise ValueError(f"sweep point {p.index}" + (f" ({label})" if label else "") + f": {err}") from None
@@ -175,8 +169,8 @@ def run_points(points: Sequence[Point], *, max_batch: int = DEFAULT_MAX_BATCH, d
     """
     preflight(points)
     devices = list(jax.devices() if devices is None else devices)
-    mesh = Mesh(np.array(devices), ("replica",))
-    key_sharding, param_sharding = NamedSharding(mesh, P(None, "replica")), NamedSharding(mesh, P())
+    grid_mesh = mesh(devices)
+    key_sharding, param_sharding = NamedSharding(grid_mesh, P(None, AXIS)), NamedSharding(grid_mesh, P())
     lp_cache: dict[tuple, object] = {}
     results: dict[int, PointResult] = {}  # by id(point): any list of points, even from several grids
     chunks = plan_chunks(points, max_batch, len(devices))
@@ -186,7 +180,7 @@ def run_points(points: Sequence[Point], *, max_batch: int = DEFAULT_MAX_BATCH, d
         t0 = time.perf_counter()
         s = chunk[0].settings
         policy = get_policy(s["policy"])
-        fn = _batched(s["engine"], s["dt"], _spec(chunk[0]), s["policy"], mesh)
+        fn = _batched(s["engine"], s["dt"], _spec(chunk[0]), s["policy"], tuple(devices))
         built = []
         for p in chunk:
             # the LP depends on the scenario and the policy's objective only: share it across horizons, seeds

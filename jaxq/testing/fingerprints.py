@@ -15,7 +15,7 @@ import numpy as np
 
 # The run every fingerprint comes from: small enough that all (engine, policy) pairs take ~2 min.
 SETTINGS = {"scenario": "canonical", "n": 6, "replicas": 4, "horizon": 100.0, "warmup": 20.0, "room": 128, "seed": 7}
-FIELDS = ("counts", "totals", "integrals", "t", "status", "q_p", "q_d")
+FIELDS = ("counts", "totals", "integrals", "t", "status", "q_p", "q_d")  # q_d summed over buffers
 # engine label -> run() arguments
 ENGINES = {
     "exact": {"engine": "exact"},
@@ -37,12 +37,14 @@ def fingerprint(engine: str, policy: str) -> dict[str, np.ndarray]:
     """The fields of FIELDS of the final state of ``SETTINGS`` under ``policy`` on ``engine`` (a key of
     ENGINES), one row per replica."""
     import jaxq
-    from ..sim.api import run
+    from ..api import run
 
     s = dict(SETTINGS)
     scenario = jaxq.load_scenario(s.pop("scenario"))
     res = run(scenario, policy, **s, **ENGINES[engine])
-    return {f: np.asarray(getattr(res.state, f)) for f in FIELDS}
+    out = {f: np.asarray(getattr(res.state, f)) for f in FIELDS}
+    out["q_d"] = out["q_d"].sum(axis=1)  # over decode buffers: a policy has 0, 1 or 2
+    return out
 
 
 def record(engines=None, policies=None) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ the policy's parameters are chosen by maximising *simulated* revenue at the give
 
 What is tuned
 -------------
-* **The gate's targets, as log-ratios.** :func:`jaxq.policies.base.occupancy_gate` admits
+* **The gate's targets, as log-ratios.** :func:`jaxq.policies.occupancy_gate` admits
   argmin_i X_i / x_i*: it sees only the *direction* of x_target, so the common scale is exactly flat
   (with common random numbers a finite difference along it is exactly zero: a wasted evaluation). The
   coordinates are therefore u_j = log(x_j / x_j*) for the admissible classes other than a reference
@@ -42,7 +42,7 @@ keys, disjoint from every tuning key, on the same keys for both (CRN), and repor
 with a 95% Student-t interval and the paired difference with its standard error and interval.
 
 Candidates are evaluated one after another with the *same* compiled simulator
-(:func:`jaxq.sim.api.run_replicas` jits once per (engine, spec, policy, devices); new PolicyTargets
+(:func:`jaxq.sim.batch.run_replicas` jits once per (engine, spec, policy, devices); new PolicyTargets
 values are arguments, not constants, so they do not recompile).
 """
 
@@ -61,9 +61,11 @@ from scipy import stats
 
 from ..metrics.summary import replica_metrics, status_report
 from ..model.scenario import Scenario
-from ..policies import AbstractPolicy, get_policy
-from ..sim.api import make_params, run_replicas
-from ..sim.state import PolicyTargets, SimSpec
+from ..policies import Policy, PolicyTargets, get_policy
+from ..api import make_params
+from ..sim.batch import run_replicas
+from ..sim.batch import engine_spec
+from ..sim.state import SimSpec
 
 ESTIMATORS = ("fd", "spsa")
 GATE_POLICIES = ("gg-sp", "gg-sp-hb")
@@ -78,12 +80,6 @@ def _check(name, value, ok, need):
         raise ValueError(f"invalid field '{name}': {need}, got {value!r}")
 
 
-def _default_room(scenario: Scenario, n: int) -> int:
-    """The waiting room of :func:`jaxq.sim.api.run`: 1.25 x max_i n lam_i / theta_i + 64 cells."""
-    theta = np.maximum(scenario.classes.theta, 1e-3)
-    return int(min(2**14, 1.25 * np.max(n * scenario.classes.lam / theta) + 64))
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
     """A scenario at n under one gate policy, ready to simulate any targets (one compile, reused).
@@ -93,7 +89,7 @@ class Evaluator:
 
     scenario: Scenario
     n: int
-    policy: AbstractPolicy
+    policy: Policy
     spec: SimSpec
     params: object  # SimParams of the static plan
     plan: object  # jaxq.lp.StaticPlan
@@ -104,7 +100,7 @@ class Evaluator:
     warmup: float
 
     @classmethod
-    def build(cls, scenario: Scenario, n: int, policy: str | AbstractPolicy = "gg-sp", *, horizon: float,
+    def build(cls, scenario: Scenario, n: int, policy: str | Policy = "gg-sp", *, horizon: float,
               warmup: float, engine: str = "stepped", dt: float | None = None, lp_solution=None) -> Evaluator:
         name = policy if isinstance(policy, str) else getattr(policy, "name", None)
         _check("policy", name, name in GATE_POLICIES, f"must be one of {', '.join(GATE_POLICIES)} "
@@ -123,8 +119,7 @@ class Evaluator:
             dt = float(stepped.DEFAULT_DT if dt is None else dt)
             stepped.check_dt(scenario.params(), dt)
         params, lp, plan = make_params(scenario, pol, int(n), float(horizon), float(warmup), lp_solution=lp_solution)
-        spec = SimSpec(num_classes=scenario.num_classes, num_gpus=int(n), room=_default_room(scenario, int(n)),
-                       num_buffers=pol.num_buffers, convention="B", dtype="float64")
+        spec = engine_spec(engine, scenario, int(n))
         return cls(scenario=scenario.replace(**{"cluster.n": int(n)}), n=int(n), policy=pol, spec=spec,
                    params=params, plan=plan, lp_value=float(lp.value), engine=engine, dt=dt,
                    horizon=float(horizon), warmup=float(warmup))

@@ -34,7 +34,14 @@ def mutate(d, path, value):
     return d
 
 
-DELETE = object()
+class _Delete:
+    """Marks a key to remove (its repr names it, so test ids are the same in every process)."""
+
+    def __repr__(self):
+        return "DELETE"
+
+
+DELETE = _Delete()
 
 BAD = [
     # (dotted path, bad value, field named in the message)

@@ -1,6 +1,8 @@
 """The population engine (GPUs counted by configuration): its configuration tables, the same arrivals
 and the same law as the per-GPU exact engine for every policy and both conventions, Erlang-A at a
-cluster size the per-GPU engine would pay n for, conservation, sweeps, and clear errors."""
+cluster size the per-GPU engine would pay n for, the maintained aggregates, sweeps, and clear errors
+(among them: a policy that tells GPUs of one configuration apart is refused). What every engine must
+do (conservation, determinism, compile counts) is in test_core.py."""
 
 import itertools
 import math
@@ -9,26 +11,27 @@ import jax
 import numpy as np
 import pytest
 
-import jaxq
 from jaxq.metrics import estimate
-from jaxq.policies import POLICIES, get_policy
-from jaxq.sim.api import make_params, run
-from jaxq.sim.general import GeneralSpec
-from jaxq.sim.population import configurations, num_configurations, simulate
-from jaxq.sim.state import ABANDON_DECODE, ABANDON_PREFILL, ARRIVED, CAPACITY_VIOLATED, DECODE_DONE, LOST, MIXED, SOLO
-from jaxq.bench import mmc_scenario
+from jaxq.policies import ANY, MIXED, POLICIES, SOLO, get_policy
+from jaxq.sim import SimSpec, engine_spec, run_replicas
+from jaxq.api import make_params, run
+from jaxq.sim.population import configurations, num_configurations
+from jaxq.sim.state import ARRIVED, CAPACITY_VIOLATED
+from jaxq.testing.checks import final_rows
 from jaxq.testing.closed_forms import erlang_a
+from jaxq.testing.scenarios import canonical, mmc_scenario
 
-CANONICAL = jaxq.load_scenario("canonical")
+CANONICAL = canonical()
 
 
 @pytest.mark.parametrize("num, B, partitioned", [(1, 1, False), (2, 16, True), (2, 16, False), (3, 4, True)])
 def test_configurations_are_every_allowed_gpu_and_moves_are_consistent(num, B, partitioned):
-    cfg = configurations(num, B, partitioned)
+    kinds = (MIXED, SOLO) if partitioned else (ANY,)
+    cfg = configurations(num, B, kinds)
     # count by hand: decode vectors with sum <= m are C(m + num, num)
     vectors = lambda m: math.comb(m + num, num)  # noqa: E731
     expected = (num + 1) * vectors(B - 1) + vectors(B) if partitioned else vectors(B) + num * vectors(B - 1)
-    assert cfg.size == expected == num_configurations(num, B, partitioned)
+    assert cfg.size == expected == num_configurations(num, B, kinds)
     assert len({(g, p, tuple(d)) for g, p, d in zip(cfg.group, cfg.prefill, cfg.decodes)}) == cfg.size
     for k in range(cfg.size):
         g, p, d = cfg.group[k], cfg.prefill[k], cfg.decodes[k]
@@ -82,24 +85,22 @@ def test_same_law_and_arrivals_as_the_exact_engine(name, convention):
 
 @pytest.mark.parametrize("name", [p if p in ("gg-sp", "fi-wsp", "sli") else pytest.param(p, marks=SLOW)
                                   for p in sorted(POLICIES)])
-def test_conservation_and_population(name):
+def test_maintained_aggregates_are_the_populations(name):
     # the shapes of test_same_law_and_arrivals_as_the_exact_engine: its compiled program is reused
     res = run(CANONICAL, name, engine="population", n=8, replicas=48, horizon=80.0, warmup=10.0, room=256)
     s = res.state
     assert not res.status, res.status
-    pop = np.asarray(s.pop)
+    policy = get_policy(name)
+    spec = engine_spec("population", CANONICAL, 8, 256)
+    params = make_params(CANONICAL, policy, 8, 80.0, 10.0)[0]
+    rows = final_rows(s, params, spec, policy, "population")
+    pop, decodes = rows["weight"], rows["decodes"]  # (R, K), (R, K, I): each configuration's count and decodes
     assert np.all(pop >= 0) and np.all(pop.sum(-1) == 8)
-    t = np.asarray(s.totals)
-    decodes = np.asarray(s.decodes)  # (R, K, I): each configuration's decodes
-    in_service = (pop[..., None] * decodes).sum(1) + np.asarray(s.X)
-    in_system = np.asarray(s.q_p) + np.asarray(s.q_d).sum(1) + in_service
-    out = t[:, ABANDON_PREFILL] + t[:, ABANDON_DECODE] + t[:, DECODE_DONE] + t[:, LOST]
-    np.testing.assert_array_equal(t[:, ARRIVED], out + in_system)
-    # the maintained aggregates are the population's
     np.testing.assert_array_equal(np.asarray(s.Y_speed).sum(1), (pop[..., None] * decodes).sum(1))
-    if get_policy(name).partitioned:
-        mixed = (np.asarray(s.group) == MIXED)
-        np.testing.assert_array_equal((pop * mixed).sum(-1), int(res.num_mixed))
+    np.testing.assert_array_equal(np.asarray(s.X), (pop[..., None] * (rows["prefill_class"][..., None]
+                                                                        == np.arange(2))).sum(1))
+    np.testing.assert_array_equal((pop * (rows["group"] == MIXED)).sum(-1), int(res.num_mixed) * (MIXED in
+                                  policy.partition.kinds))
 
 
 def test_erlang_a_at_a_thousand_servers():
@@ -121,8 +122,8 @@ def test_erlang_a_at_a_thousand_servers():
 def test_a_batch_larger_than_the_tables_is_flagged_not_ignored():
     policy = get_policy("gg-sp")
     params, _, _ = make_params(CANONICAL, policy, 6, horizon=60.0, warmup=0.0)  # B = 16
-    spec = GeneralSpec(num_classes=2, num_gpus=6, room=128, num_buffers=1, max_batch=4)
-    state, _ = simulate(jax.random.split(jax.random.key(0), 2), params, spec, policy)
+    spec = SimSpec(num_classes=2, num_gpus=6, room=128, max_batch=4)
+    state, _ = run_replicas(jax.random.split(jax.random.key(0), 2), params, spec, policy, engine="population")
     assert np.all(np.asarray(state.status) & CAPACITY_VIOLATED)
 
 
@@ -150,8 +151,8 @@ def test_cost_does_not_depend_on_n():
     for n in (10, 10_000):
         policy = get_policy("gg-sp")
         params, _, _ = make_params(CANONICAL, policy, n, horizon=1.0, warmup=0.0)
-        spec = GeneralSpec(num_classes=2, num_gpus=n, room=64, num_buffers=1, max_batch=16)
-        out = jax.eval_shape(lambda k, p: simulate(k, p, spec, policy)[0], jax.random.split(jax.random.key(0), 2),  # noqa: B023
-                             params)
+        spec = SimSpec(num_classes=2, num_gpus=n, room=64, max_batch=16)
+        out = jax.eval_shape(lambda k, p: run_replicas(k, p, spec, policy, engine="population")[0],  # noqa: B023
+                             jax.random.split(jax.random.key(0), 2), params)
         shapes.append(tuple(itertools.chain.from_iterable(x.shape for x in jax.tree_util.tree_leaves(out))))
     assert shapes[0] == shapes[1]

@@ -1,4 +1,4 @@
-"""The waiting rooms (rings of entry times, jaxq.sim.engine) against plain Python lists.
+"""The waiting rooms (rings of entry times, jaxq.sim.rooms) against plain Python lists.
 
 A room must behave as a FIFO list per class from which any entry can also be removed: a push appends
 (or is refused when the room is full), taking the head removes the oldest, and an abandonment removes
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxq.sim import engine as E
+from jaxq.sim import rooms as E
 
 
 class _Rooms:

@@ -1,80 +1,21 @@
-"""The time-stepped engine: conservation and capacity for every policy, a closed form (Erlang-A) at a
-small step, agreement with the exact engine, determinism, batching, compile counts, clear errors."""
+"""The time-stepped engine: its per-GPU completion draw, a closed form (Erlang-A) at a small step,
+agreement with the exact engine, the slot-timing regression, clear errors. What every engine must do
+(conservation, determinism, compile counts) is in test_core.py; the bulk choices are tested in
+tests/policies/test_bulk.py."""
 
-from typing import ClassVar
-
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import jaxq
 from jaxq.metrics import estimate
 from jaxq.model import JobClasses
-from jaxq.policies import POLICIES, AbstractPolicy, get_policy
-from jaxq.sim import SimSpec, stepped
-from jaxq.sim.api import make_params, run, single_runner
-from jaxq.sim.state import ABANDON_DECODE, ABANDON_PREFILL, ARRIVED, DECODE_DONE, LOST
+from jaxq.sim import stepped
+from jaxq.api import run
 from jaxq.testing.closed_forms import erlang_a
+from jaxq.testing.scenarios import canonical
 
-CANONICAL = jaxq.load_scenario("canonical")
-
-
-def in_system(state):
-    num = state.q_p.shape[-1]
-    X = jnp.sum(state.prefill_class[..., None] == jnp.arange(num)[None, None, :], axis=-2)
-    return np.asarray(state.q_p + X + jnp.sum(state.q_d, axis=-2) + jnp.sum(state.decodes, axis=-1))  # (R, I, n)
-
-
-def check(state, params, policy, n):
-    t = np.asarray(state.totals)
-    out = t[:, ABANDON_PREFILL] + t[:, ABANDON_DECODE] + t[:, DECODE_DONE] + t[:, LOST]
-    np.testing.assert_array_equal(t[:, ARRIVED], out + in_system(state))
-    assert np.all(t >= 0) and np.all(np.asarray(state.decodes) >= 0) and np.all(np.asarray(state.q_p) >= 0)
-    assert np.all(np.asarray(state.status) == 0), np.asarray(state.status)
-    B = int(params.model.B)
-    pre = np.asarray(state.prefill_class) >= 0
-    ndec = np.asarray(state.decodes).sum(-2)
-    if policy.partitioned:
-        mixed = np.arange(n) < int(params.targets.num_mixed)
-        assert np.all(ndec[:, mixed] <= B - 1) and np.all(ndec[:, ~mixed] <= B)
-        assert not np.any(pre[:, ~mixed])
-    else:
-        assert np.all(ndec + pre <= B)
-
-
-@pytest.mark.parametrize("name", list(POLICIES))
-def test_conservation_every_policy(name):
-    policy = get_policy(name)
-    params, _, _ = make_params(CANONICAL, policy, 6, horizon=300.0, warmup=50.0)
-    spec = SimSpec(2, 6, num_buffers=policy.num_buffers)
-    state, _ = stepped.simulate(jax.random.split(jax.random.key(1), 2), params, spec, policy, dt=0.02)
-    check(state, params, policy, 6)
-    assert np.all(np.asarray(state.totals)[:, ARRIVED] > 100)
-    np.testing.assert_allclose(np.asarray(state.t), 300.0, rtol=1e-12)  # a whole number of steps
-
-
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    name=st.sampled_from(list(POLICIES)),
-    B=st.integers(1, 6),
-    lam=st.lists(st.floats(0.05, 2.0), min_size=2, max_size=2),
-    theta=st.lists(st.floats(0.01, 2.0), min_size=2, max_size=2),
-    P=st.lists(st.floats(300, 3000), min_size=2, max_size=2),
-    D=st.lists(st.floats(20, 2000), min_size=2, max_size=2),
-    gamma=st.floats(10, 60),
-    seed=st.integers(0, 2**30),
-)
-def test_property_random_configurations(name, B, lam, theta, P, D, gamma, seed):
-    s = CANONICAL.replace(classes=JobClasses(P=P, D=D, lam=lam, theta=theta), **{"cluster.B": B, "timing.gamma": gamma})
-    policy = get_policy(name)
-    params, _, _ = make_params(s, policy, 6, horizon=60.0, warmup=0.0)
-    spec = SimSpec(2, 6, num_buffers=policy.num_buffers)  # the shapes of the test above: no new compile
-    state, _ = stepped.simulate(jax.random.split(jax.random.key(seed), 2), params, spec, policy, dt=0.02)
-    check(state, params, policy, 6)
+CANONICAL = canonical()
 
 
 def test_decode_completion_draw_matches_binomial_means():
@@ -90,19 +31,6 @@ def test_decode_completion_draw_matches_binomial_means():
         mean, se = k[mask].mean(0), k[mask].std(0) / np.sqrt(mask.sum())
         target = np.array([9, 6]) * np.asarray(p)
         assert np.all(np.abs(mean - target) <= 4 * se + 0.01 * target), (mean, target, se)
-
-
-def test_place_and_allocate_respect_free_slots():
-    free = jnp.array([0, 3, 1, 0, 2, 5])
-    solo, mixed = jnp.arange(6) >= 2, jnp.arange(6) < 2  # contiguous groups, as static planning lays them
-    for u in (0.0, 0.4, 0.99):
-        got = np.asarray(stepped._place(jnp.array([u]), jnp.array([[4, 3]]), free, [jnp.ones(6, bool)])).T
-        assert got.sum(0).tolist() == [4, 3] and np.all(got.sum(1) <= np.asarray(free))
-        two = np.asarray(stepped._place(jnp.array([u, 1 - u]), jnp.array([[5, 2], [1, 2]]), free, [solo, mixed])).T
-        assert two[2:].sum(0).tolist() == [5, 2] and two[:2].sum(0).tolist() == [1, 2]
-        assert np.all(two.sum(1) <= np.asarray(free))
-        alloc = np.asarray(stepped._allocate(u, jnp.array([5, 0, 2]), 4))
-        assert alloc.sum() == 4 and np.all(alloc <= [5, 0, 2])
 
 
 def test_erlang_a_at_a_small_step():
@@ -158,117 +86,10 @@ def test_occupancy_gate_agrees_with_exact_engine_under_an_sli_plan(name):
         assert np.all(z <= 4), (key, a.mean, b.mean, z)
 
 
-def small(name="gg-sp", n=6, horizon=60.0):
-    policy = get_policy(name)
-    params, _, _ = make_params(CANONICAL, policy, n, horizon=horizon, warmup=10.0)
-    return policy, params, SimSpec(2, n, num_buffers=policy.num_buffers)
-
-
-@pytest.mark.parametrize("name", ["gg-sp", "sli", "fi-wsp"])
-def test_same_key_bit_identical_and_batch_equals_loop(name):
-    policy, params, spec = small(name)
-    keys = jax.random.split(jax.random.key(7), 3)
-    a, _ = stepped.simulate(keys, params, spec, policy, dt=0.02)
-    b, _ = stepped.simulate(keys, params, spec, policy, dt=0.02)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    single = jax.jit(lambda k: stepped.run_single(k, params, spec, policy, dt=0.02)[0])
-    for r in range(3):
-        one = single(keys[r])
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(one)):
-            x, y = np.asarray(x)[r], np.asarray(y)
-            if np.issubdtype(x.dtype, np.integer):
-                np.testing.assert_array_equal(x, y)
-            else:
-                np.testing.assert_allclose(x, y, rtol=1e-12)
-
-
-def test_compiles_once_per_shape():
-    policy, params, spec = small()
-    fn = single_runner("stepped", 0.02)
-
-    @eqx.filter_jit
-    @eqx.debug.assert_max_traces(max_traces=1)
-    def batch(keys, params):
-        return jax.vmap(lambda k: fn(k, params, spec, policy)[0])(keys)
-
-    batch(jax.random.split(jax.random.key(0), 2), params)
-    other = make_params(CANONICAL.replace(**{"classes.lam": [0.3, 0.7], "cluster.B": 8}), policy, 6,
-                        horizon=50.0, warmup=5.0)[0]
-    batch(jax.random.split(jax.random.key(1), 2), other)
-
-
-def test_common_random_numbers_across_policies():
-    out = []
-    for name in ("gg-sp", "fi-wsp"):
-        policy, params, spec = small(name)
-        state, _ = stepped.simulate(jax.random.split(jax.random.key(3), 2), params, spec, policy, dt=0.02)
-        out.append(np.asarray(state.totals)[:, ARRIVED])
-    np.testing.assert_array_equal(out[0], out[1])
-
-
-def test_recorded_trajectory():
-    policy, params, spec = small(horizon=40.0)
-    state, traj = stepped.simulate(jax.random.split(jax.random.key(0), 2), params, spec, policy,
-                                   record_times=(10.0, 20.0, 40.0), dt=0.02)
-    assert traj.shape == (2, 3, 6, 2)
-    last = np.asarray(traj)[:, -1]
-    np.testing.assert_array_equal(last[:, 0], np.asarray(state.q_p))  # the final state's queue
-
-
 def test_clear_errors():
     with pytest.raises(ValueError, match="'dt'.*mu_p"):
         run(CANONICAL, "gg-sp", n=5, replicas=2, horizon=10.0, engine="stepped", dt=0.05)
     with pytest.raises(ValueError, match="'engine'"):
-        single_runner("tau")
+        run(CANONICAL, "gg-sp", n=5, replicas=2, horizon=10.0, engine="tau")
     with pytest.raises(ValueError, match="'dt'"):
-        single_runner("exact", 0.01)
-
-    class NoBulk(AbstractPolicy):
-        partitioned: ClassVar[bool] = True
-        coupled: ClassVar[bool] = False
-        prefill_first: ClassVar[bool] = False
-        num_buffers: ClassVar[int] = 1
-        name: ClassVar[str] = "custom"
-
-        def gate(self, key, view, targets):
-            return jnp.int32(-1)
-
-        def route(self, key, view, targets, cls, origin):
-            return jnp.int32(-1), jnp.int32(0)
-
-    policy, params, spec = small()
-    with pytest.raises(ValueError, match="batch_router"):
-        stepped.simulate(jax.random.split(jax.random.key(0), 1), params, spec, NoBulk(), dt=0.02)
-
-
-@pytest.mark.parametrize("mean,count", [(0.3, None), (4.0, None), (60.0, None), (0.3, 150), (12.0, 40), (80.0, 400)])
-def test_count_draw_moments(mean, count):
-    """The step's Poisson and binomial counts (inverse CDF up to mean 25, rounded normal above): mean
-    and variance within 5 SE of the exact ones over 2e5 draws, never above the count."""
-    u = jax.random.uniform(jax.random.key(0), (200_000,))
-    m = jnp.full(u.shape, mean)
-    k = np.asarray(stepped._count_draw(u, m, None if count is None else jnp.full(u.shape, count, jnp.int32)))
-    var = mean if count is None else mean * (1 - mean / count)
-    se_mean = np.sqrt(var / k.size)
-    assert abs(k.mean() - mean) <= 5 * se_mean, (k.mean(), mean)
-    assert abs(k.var() - var) <= 5 * var * np.sqrt(2 / k.size) + 0.1, (k.var(), var)  # +0.1: rounding of the normal
-    if count is not None:
-        assert k.max() <= count
-
-
-@pytest.mark.parametrize("engine", ["exact", "stepped"])
-def test_sharded_run_equals_one_device(engine):
-    """api.run shards replicas over the 4 host devices conftest makes (3 replicas: one padding key);
-    every replica equals the unsharded batched run on the same keys."""
-    from jaxq.sim.api import run_replicas
-
-    assert len(jax.devices()) == 4
-    policy, params, spec = small("gg-sp")
-    keys = jax.random.split(jax.random.key(5), 3)
-    dt = 0.02 if engine == "stepped" else None
-    many, _ = run_replicas(keys, params, spec, policy, engine=engine, dt=dt)
-    one, _ = run_replicas(keys, params, spec, policy, engine=engine, dt=dt, devices=jax.devices()[:1])
-    for x, y in zip(jax.tree_util.tree_leaves(many), jax.tree_util.tree_leaves(one)):
-        assert x.shape[0] == 3
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        run(CANONICAL, "gg-sp", n=5, replicas=2, horizon=10.0, dt=0.01)

@@ -9,7 +9,7 @@ import pytest
 import jaxq
 from jaxq.metrics import estimate
 from jaxq.model import JobClasses
-from jaxq.sim.api import run
+from jaxq.api import run
 from jaxq.testing.reference import PolicyTargets as RefTargets
 from jaxq.testing.reference import replicate_reference
 

@@ -133,12 +133,12 @@ def test_stepped_engine_settings():
 
 
 def test_trace_time_refusal_fails_before_anything_runs(monkeypatch):
-    def refusing(engine, dt):
-        def single(key, params, spec, policy):
+    def refusing(engine, spec, policy, dt=None):
+        def single(key, params):
             raise ValueError(f"invalid field 'policy': {policy.name} cannot run here")
         return single
 
-    monkeypatch.setattr(sweep_runner, "single_runner", refusing)
+    monkeypatch.setattr(sweep_runner, "runner", refusing)
     grid = loads_grid(grid_text(LAMS[:2]))
     ran = []
     with pytest.raises(ValueError, match=r"sweep point 0 \(classes.lam=0.2\): invalid field 'policy'"):

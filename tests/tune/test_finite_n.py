@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from jaxq.model.config import load_scenario
-from jaxq.sim.api import _sharded
+from jaxq.sim.batch import _program
 from jaxq.sim.state import ARRIVED
 from jaxq.tune.finite_n import Evaluator, tune_finite_n, validate, x_from_coords
 
@@ -56,7 +56,7 @@ def test_gate_sees_only_the_direction_of_the_targets(ev):
 def test_new_targets_do_not_recompile(ev):
     keys = _keys(11, r=2)
     ev.revenue(keys, ev.targets())
-    fn = _sharded(ev.engine, ev.dt, ev.spec, ev.policy, None, tuple(jax.local_devices()), None)
+    fn = _program(ev.engine, ev.spec, ev.policy, ev.dt, None, None, tuple(jax.local_devices()), 2)
     size = fn._cache_size()
     for u, M in ((0.3, 3), (-0.5, 5), (1.0, 4)):
         ev.revenue(keys, ev.targets(x_from_coords(ev.plan.x_target, [u]), M))

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxq.policies.base import choice_from_uniform
-from jaxq.sim.state import weighted_search
+from jaxq.policies.choice import choice_from_uniform, weighted_search
 
 
 @pytest.mark.parametrize("n", [1, 5, 32, 33, 100, 500, 1000])
@@ -40,18 +39,3 @@ def test_uniform_choice_is_uniform_over_the_mask(n):
     freq = np.bincount(picks, minlength=n)[m] / u.size
     p = 1 / m.sum()
     assert np.all(np.abs(freq - p) <= 4.5 * np.sqrt(p * (1 - p) / u.size))
-
-
-def test_first_argmin_matches_argmin_with_ties_and_infinities():
-    from jaxq.sim.state import first_argmin, first_argmin_2d
-
-    rng = np.random.default_rng(3)
-    for shape in [(1, 1), (1, 16), (7, 3), (500, 16)]:
-        for _ in range(20):
-            x = rng.integers(0, 4, shape).astype(float)  # many ties
-            x[rng.random(shape) < 0.5] = np.inf
-            if rng.random() < 0.2:
-                x[:] = np.inf  # nothing running: argmin gives 0
-            row, col = (int(v) for v in first_argmin_2d(jnp.asarray(x)))
-            assert (row, col) == divmod(int(np.argmin(x.ravel())), shape[1])
-            assert int(first_argmin(jnp.asarray(x[0]))) == int(np.argmin(x[0]))

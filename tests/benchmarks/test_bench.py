@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from jaxq.bench import PRESETS, run_bench
+from jaxq.benchmarks import PRESETS, run_bench
 
 
 def _rate(x):

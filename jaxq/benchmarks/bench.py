@@ -45,12 +45,14 @@ import numpy as np
 
 import jaxq
 
-from .lp import solve_bundled, solve_lp, static_plan
-from .model import JobClasses
-from .policies import get_policy
-from .sim.api import _PLANNING_OBJECTIVE, engine_spec, make_params, single_runner
-from .sim.state import COUNTER_NAMES
-from .sim.state import EVENT_ROWS as STATE_EVENT_ROWS
+from ..lp import solve_bundled, solve_lp, static_plan
+from ..policies import get_policy
+from ..api import make_params
+from ..sim.batch import engine_spec
+from ..sim.engines import build, check, runner
+from ..testing.scenarios import mmc_scenario
+from ..sim.state import COUNTER_NAMES
+from ..sim.state import EVENT_ROWS as STATE_EVENT_ROWS
 
 # Rows of `totals` that are events (the engine-independent count).
 EVENT_ROWS = tuple(COUNTER_NAMES[i] for i in STATE_EVENT_ROWS)  # jaxq.sim.state.EVENT_ROWS, by name
@@ -294,10 +296,10 @@ class EngineCase:
         self.engine, self.scenario, self.n, self.replicas = engine, scenario, n, replicas
         self.repeats = repeats  # each timing is the best of this many calls
         self.policy = get_policy(policy_name)
-        self.spec = engine_spec(engine, scenario, n, room, self.policy)
+        self.spec = engine_spec(engine, scenario, n, room)
         self.keys = jax.random.split(jax.random.key(seed), replicas)
         sc_n = scenario.replace(**{"cluster.n": n})
-        self.lp = lp if lp is not None else solve_lp(sc_n, _PLANNING_OBJECTIVE.get(self.policy.name, "bundled"))
+        self.lp = lp if lp is not None else solve_lp(sc_n, self.policy.planning)
         self.dt, self.note = None, None
         if engine == "stepped":
             stepped = importlib.import_module("jaxq.sim.stepped")
@@ -310,9 +312,8 @@ class EngineCase:
                     self.note = f"dt shrunk to {self.dt:.3g} s (fastest phase {worst:.4g}/s; default {stepped.DEFAULT_DT})"
             if hasattr(stepped, "check_dt"):
                 stepped.check_dt(model, self.dt)
-        runner = single_runner(engine, self.dt)
-        spec, policy = self.spec, self.policy
-        self.fn = jax.jit(lambda keys, params: jax.vmap(lambda k: runner(k, params, spec, policy)[0])(keys))
+        single = runner(engine, self.spec, self.policy, dt=self.dt)
+        self.fn = jax.jit(lambda keys, params: jax.vmap(lambda k: single(k, params)[0])(keys))
         params = self.params(1e-3)
         t0 = time.perf_counter()
         lowered = self.fn.lower(self.keys, params)
@@ -386,22 +387,15 @@ def _bytes_accessed(compiled):
 
 
 def step_bytes_per_replica(case: EngineCase):
-    """Bytes accessed by one exact-engine step of the batch (XLA cost analysis), per replica. Uses the
-    engine's internals; None if they moved."""
+    """Bytes accessed by one event-engine step of the batch (XLA cost analysis), per replica; None if
+    the engine has no single step to measure."""
     try:
-        from .sim import engine as E
-
-        sim = E._Sim(case.spec, case.policy)
         params = case.params(1.0)
-        spec, policy = case.spec, case.policy
-
-        def init(k):
-            ak, _ = jax.random.split(k)
-            return E.init_state(spec, params, ak, spec.num_buffers, policy.partitioned)
-
-        states = jax.vmap(init)(case.keys)
+        dt, law = check(case.engine, case.spec, case.policy, case.dt)
+        sim = build(case.engine, case.spec, case.policy, params, dt=dt, law=law)
+        keys, states = jax.vmap(lambda k: sim.init(k, params))(case.keys)
         f = jax.jit(lambda keys, params, states: jax.vmap(
-            lambda k, s: sim.step(tuple(jax.random.split(k)), params, s, params.horizon))(keys, states))
+            lambda k, s: sim.step(k, params, s, params.horizon))(keys, states))
         b = _bytes_accessed(f.lower(case.keys, params, states).compile())
         return None if b is None else b / case.replicas
     except Exception:  # noqa: BLE001 - internals changed: fall back to the whole loop
@@ -409,14 +403,6 @@ def step_bytes_per_replica(case: EngineCase):
 
 
 # -- peers ---------------------------------------------------------------------------------------
-def mmc_scenario(c, lam_total, theta):
-    """M/M/c+M through the general model: one class, B = 1, a 1-token prompt, decode time 1/mu = 1 s."""
-    base = jaxq.load_scenario("canonical")
-    g = base.timing.gamma
-    return base.replace(classes=JobClasses(P=[1.0], D=[g], lam=[lam_total / c], theta=[theta]),
-                        **{"cluster.B": 1, "cluster.n": c})
-
-
 def ciw_run(c, lam, mu, theta, horizon, seed=0) -> dict:
     import ciw
 
@@ -483,8 +469,8 @@ def _peer(run_fn, h0, target_s, repeats=1) -> dict:
 
 
 def reference_run(cfg: BenchConfig) -> dict:
-    from .testing.reference import PolicyTargets as RefTargets
-    from .testing.reference import benchmark_reference
+    from ..testing.reference import PolicyTargets as RefTargets
+    from ..testing.reference import benchmark_reference
 
     sc = jaxq.load_scenario("canonical").replace(**{"cluster.n": cfg.n})
     lp = solve_bundled(sc)
@@ -538,8 +524,7 @@ def run_bench(cfg: BenchConfig = PRESETS["full"], out: str | Path | None = None,
         key = (scenario.name, n, policy)
         if key not in lp_cache:
             pol = get_policy(policy)
-            lp_cache[key] = solve_lp(scenario.replace(**{"cluster.n": n}),
-                                     _PLANNING_OBJECTIVE.get(pol.name, "bundled"))
+            lp_cache[key] = solve_lp(scenario.replace(**{"cluster.n": n}), pol.planning)
         return EngineCase(engine, scenario, policy, n, R, room, cfg.seed, cfg.stepped_dt, lp_cache[key], cfg.repeats)
 
     h0 = 1e-3 if cfg.mode != "tiny" else 0.05

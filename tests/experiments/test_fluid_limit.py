@@ -9,7 +9,7 @@ import pytest
 
 import jaxq
 from jaxq.lp import solve_bundled, solve_separate
-from jaxq.sim.api import run
+from jaxq.api import run
 
 CANONICAL = jaxq.load_scenario("canonical")
 

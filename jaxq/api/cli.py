@@ -8,8 +8,8 @@ import numpy as np
 
 from ..model.config import load_scenario
 from ..policies import POLICIES
-from .api import run as run_simulation
-from .state import EVENT_ROWS
+from ..sim.state import EVENT_ROWS
+from .simulate import run as run_simulation
 
 _ROWS = [
     ("revenue_bundled", "revenue, bundled (per GPU per s)"),
@@ -32,7 +32,9 @@ _ROWS = [
 
 def add_arguments(parser):
     parser.add_argument("scenario", help="scenario name or .toml path")
-    parser.add_argument("--policy", default="gg-sp", help=f"one of {', '.join(POLICIES)} (default gg-sp)")
+    parser.add_argument("--policy", default="gg-sp",
+                        help=f"one of {', '.join(POLICIES)} (default gg-sp), or FILE.py:NAME / MODULE:NAME naming a "
+                             "jaxq.policies.Policy of your own (docs/simulation.md, 'Writing your own policy')")
     parser.add_argument("--n", type=int, default=20, help="GPUs (default 20)")
     parser.add_argument("--replicas", type=int, default=32, help="independent replicas (default 32)")
     parser.add_argument("--horizon", type=float, default=1000.0, help="simulated seconds (default 1000)")
@@ -78,7 +80,7 @@ def format_result(res) -> str:
 
 
 def _service(args):
-    from .general import ServiceLaw
+    from ..sim.general import ServiceLaw
 
     return ServiceLaw.of(args.service, args.service_cv)
 

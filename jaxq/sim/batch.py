@@ -1,0 +1,115 @@
+"""Batching and sharding of replicas: the one place that vmaps an engine over replicas, splits them
+over devices, pads their number and sizes the waiting rooms.
+
+Replicas are split over a one-axis device mesh (axis name ``"replica"``) with ``shard_map``: each
+device runs its own loop over its share, with no communication inside (a plain ``jit`` of sharded
+inputs would synchronise the devices on the loop condition every step). Each replica's result depends
+only on its key, so it is the same on any number of devices; the replica count is padded up to a
+multiple of the device count with extra keys whose results are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from ..model.scenario import Scenario
+from ..policies.protocol import Policy
+from .engines import SHAPED_BY_B, runner
+from .state import SimParams, SimSpec
+
+AXIS = "replica"
+
+
+def default_room(scenario: Scenario, n: int) -> int:
+    """Waiting-room cells per class: 1.25 x max_i n lam_i / theta_i + 64 (a queue nobody serves is
+    Poisson(n lam / theta), so this holds it with room to spare), at most 2^14. A full room still never
+    drops silently (``lost`` and a status bit)."""
+    theta = np.maximum(np.asarray(scenario.classes.theta, float), 1e-3)
+    return int(min(2**14, 1.25 * np.max(n * np.asarray(scenario.classes.lam, float) / theta) + 64))
+
+
+def engine_spec(engine: str, scenario: Scenario, n: int, room: int | None = None, convention: str = "B",
+                dtype: str = "float64") -> SimSpec:
+    """The static spec an engine compiles for: ``max_batch`` is the scenario's B for the engines shaped
+    by it (SHAPED_BY_B), None for the others (so a sweep over B does not recompile them)."""
+    room = default_room(scenario, n) if room is None else room
+    max_batch = int(scenario.cluster.B) if engine in SHAPED_BY_B else None
+    return SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, convention=convention, dtype=dtype,
+                   max_batch=max_batch)
+
+
+def mesh(devices) -> Mesh:
+    return Mesh(np.array(list(devices)), (AXIS,))
+
+
+def shard(local, devices, in_specs, out_specs):
+    """``jax.jit`` of ``local`` (a function of batched replicas) with the axes named ``AXIS`` in
+    ``in_specs``/``out_specs`` split over ``devices``: the one ``shard_map`` of the project. One device:
+    plain ``jit``."""
+    devices = tuple(devices)
+    if len(devices) == 1:
+        return jax.jit(local)
+    # check_vma=False: the engines' loop carries start replica-invariant (zeros) and become per-replica;
+    # the body has no collectives, so the varying-axis type check has nothing to protect here.
+    return jax.jit(jax.shard_map(local, mesh=mesh(devices), in_specs=in_specs, out_specs=out_specs, check_vma=False))
+
+
+def padded(num: int, num_devices: int) -> int:
+    """The replica count rounded up to a multiple of the device count."""
+    return -(-num // num_devices) * num_devices
+
+
+def pad_keys(keys, num_devices: int):
+    """``keys`` (R, ...) padded to a multiple of ``num_devices`` with extra keys derived from the first."""
+    pad = padded(keys.shape[0], num_devices) - keys.shape[0]
+    if not pad:
+        return keys
+    return jnp.concatenate([keys, jax.random.split(jax.random.fold_in(keys[0], 2**31 - 1), pad)])
+
+
+@functools.cache
+def _program(engine: str, spec: SimSpec, policy: Policy, dt, service, record_times, devices: tuple, replicas: int):
+    """One jitted program per (engine, shapes, policy, service law, devices, replicas): replicas vmapped,
+    padded to a multiple of the device count and split over ``devices``; the padding is dropped inside
+    the program (one op per leaf outside it would be one more dispatch each)."""
+    single = runner(engine, spec, policy, dt=dt, service=service)
+
+    def local(keys, params):
+        return jax.vmap(lambda k: single(k, params, record_times))(keys)
+
+    sharded = shard(local, devices, (P(AXIS), P()), P(AXIS))
+    if padded(replicas, len(devices)) == replicas:
+        return sharded
+    return jax.jit(lambda keys, params: jax.tree_util.tree_map(lambda x: x[:replicas], sharded(keys, params)))
+
+
+def clear_programs() -> None:
+    """Forget the jitted programs :func:`run_replicas` keeps (with ``jax.clear_caches()``, frees their
+    compiled code)."""
+    _program.cache_clear()
+
+
+def run_replicas(keys, params: SimParams, spec: SimSpec, policy: Policy, *, engine: str = "exact",
+                 dt: float | None = None, record_times=None, devices=None, service=None):
+    """Final states (and trajectories) of ``len(keys)`` replicas of one engine, sharded over ``devices``
+    (default: all local devices; on a CPU, ``jaxq`` commands make one per core). ``service`` is the law
+    of the "general" engine; a ``spec`` without ``max_batch`` gets it from ``params.model.B`` (outside
+    jit) for the engines shaped by B."""
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    record_times = None if record_times is None else tuple(float(t) for t in record_times)
+    if engine in SHAPED_BY_B and spec.max_batch is None:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, max_batch=int(params.model.B))
+    if engine == "general":
+        from .general import ServiceLaw
+
+        service = ServiceLaw.of(service)
+    fn = _program(engine, spec, policy, dt, service, record_times, devices, keys.shape[0])
+    return fn(pad_keys(keys, len(devices)), params)
