@@ -51,7 +51,7 @@ POLICIES = {"gg-sp": ("greedy", "gate"), "sli": ("randomized", "sli")}
 VARIABLES = ("q_p", "x", "q_d", "y_mixgroup", "y_sologroup")
 
 
-def _per_gpu_levels(traj, n):
+def per_gpu_levels(traj, n):
     """(R, T, 6, I) recorded levels -> dict of (R, T, I) per-GPU variables (decodes by GPU group)."""
     raw = np.asarray(traj, dtype=float) / n
     y = raw[:, :, 3] + raw[:, :, 4]
@@ -59,7 +59,7 @@ def _per_gpu_levels(traj, n):
             "y_sologroup": y - raw[:, :, 5]}
 
 
-def _fluid(scenario, kind, times, n=None):
+def fluid_levels(scenario, kind, times, n=None):
     """The fluid trajectory at ``times``; ``n`` given: the mixed fraction is M/n instead of sum x*."""
     sol, *_ = integrate_scenario(scenario, kind, "empty", horizon=float(times[-1]), num_points=len(times) + 1, n=n)
     ys = sol.ys
@@ -81,7 +81,7 @@ def reproduce(out, settings, log):
     R_star = lp.value
     ns, R, T, W0, every = settings["ns"], settings["replicas"], settings["horizon"], settings["warmup"], settings["every"]
     times = np.arange(every, T + 1e-9, every)
-    fluid = {p: _fluid(scenario, kind, times) for p, (_, kind) in POLICIES.items()}
+    fluid = {p: fluid_levels(scenario, kind, times) for p, (_, kind) in POLICIES.items()}
     lp_target = {"x": lp.x, "q_p": lp.q_p, "q_d": lp.q_d, "y_mixgroup": lp.y_m, "y_sologroup": lp.y_s}
     out.number("R_star", R_star)
 
@@ -105,7 +105,7 @@ def reproduce(out, settings, log):
             rev = res.metrics["revenue_bundled"]
             window.append({**prefix, "metric": "revenue_bundled_sd", "class": "", "mean": float(np.std(rev, ddof=1)),
                            "se": "", "lo": "", "hi": ""})
-            levels = _per_gpu_levels(res.trajectory, n)
+            levels = per_gpu_levels(res.trajectory, n)
             for v in VARIABLES:
                 mean, se = levels[v].mean(0), levels[v].std(0, ddof=1) / np.sqrt(R)
                 for ti, t in enumerate(times):
@@ -123,7 +123,7 @@ def reproduce(out, settings, log):
                                 "levels_mean": {v: levels[v].mean(0) for v in VARIABLES}}
     out.table("window", window)
     out.table("trajectory", traj_rows)
-    fluid_rounded = _fluid(scenario, "gate", times, n=ns[-1])  # mixed fraction M/n, not sum x*
+    fluid_rounded = fluid_levels(scenario, "gate", times, n=ns[-1])  # mixed fraction M/n, not sum x*
     _figures(out, scenario, lp, ns, times, fluid, per, lp_target, fluid_rounded)
     _claims(out, lp, ns, fluid, per, fluid_rounded)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 # name -> module. Imported lazily: each pulls in what it needs (matplotlib, the engines, the LPs).
 EXPERIMENTS: dict[str, str] = {
     "convergence": "jaxq.experiments.convergence",
+    "finite-n": "jaxq.experiments.finite_n",
     "baselines": "jaxq.experiments.baselines",
     "sli-cost": "jaxq.experiments.sli_cost",
     "sensitivity": "jaxq.experiments.sensitivity",

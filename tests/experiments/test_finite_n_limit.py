@@ -1,7 +1,7 @@
 """The exact engine approaches the fluid / LP limit as n grows (MODEL.md §5, Thm 4.1 and 4.2).
 
 Full-size numbers (n = 20 ... 2000, the n = 500 ordering, the trajectory at n = 2000) are produced by
-``python -m jaxq.experiments.fluid_limit`` and recorded in docs/finite-n.md; these tests check the
+``jaxq reproduce finite-n`` and recorded in docs/finite-n.md; these tests check the
 claims at a size a CI machine can afford, and the heavy ones are marked slow."""
 
 import numpy as np
