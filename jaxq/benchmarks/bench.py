@@ -13,7 +13,11 @@ On whatever device JAX finds, one run measures
 3. scaling: cost against replicas, against n (fixed horizon) and against the horizon (fixed replicas),
    with the fitted growth exponent;
 4. for the exact engine, time per event against a memory-bandwidth bound (bytes per event from XLA's
-   cost analysis of one step, divided by the device's bandwidth).
+   cost analysis of one step, divided by the device's bandwidth);
+5. for each engine, what one compiled step is: fused kernels and while loops in the HLO XLA emits,
+   bytes and flops per replica-step;
+6. the yardstick: the simplest exact JAX chain of M/M/c+M (:mod:`jaxq.benchmarks.chain`, checked
+   against Erlang A in the same run), and each engine's M/M/c+M rate as a fraction of it.
 
 Each timed call is sized (its simulated horizon calibrated by short pilot calls) to take about
 ``target_s`` seconds of wall time. Events are counted the same way for every engine: per replica,
@@ -386,23 +390,46 @@ def _bytes_accessed(compiled):
         return None
 
 
-def step_bytes_per_replica(case: EngineCase):
-    """Bytes accessed by one event-engine step of the batch (XLA cost analysis), per replica; None if
-    the engine has no single step to measure."""
+def step_profile(case: EngineCase) -> dict | None:
+    """What one compiled step of ``case``'s engine costs, batched over its replicas, read from the
+    optimized HLO XLA emits: the fused kernels (``fusion`` instructions, in loop bodies too), the
+    ``while`` loops, and XLA's cost analysis (bytes accessed and flops) per replica. One step is one
+    event of an event engine, one time step of the stepped engine. None if the engine has no single
+    step to compile (an internal change the bench has not followed: reported, not hidden)."""
     try:
         params = case.params(1.0)
         dt, law = check(case.engine, case.spec, case.policy, case.dt)
         sim = build(case.engine, case.spec, case.policy, params, dt=dt, law=law)
         keys, states = jax.vmap(lambda k: sim.init(k, params))(case.keys)
-        f = jax.jit(lambda keys, params, states: jax.vmap(
-            lambda k, s: sim.step(k, params, s, params.horizon))(keys, states))
-        b = _bytes_accessed(f.lower(case.keys, params, states).compile())
-        return None if b is None else b / case.replicas
-    except Exception:  # noqa: BLE001 - internals changed: fall back to the whole loop
-        return None
+        until = dt if case.engine == "stepped" else params.horizon  # the stepped step takes its length
+        f = jax.jit(lambda keys, params, states: jax.vmap(lambda k, s: sim.step(k, params, s, until))(keys, states))
+        compiled = f.lower(keys, params, states).compile()
+    except Exception as err:  # noqa: BLE001 - recorded in the output
+        return {"engine": case.engine, "error": f"{type(err).__name__}: {err}"}
+    text = compiled.as_text()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    R = case.replicas
+    return {"engine": case.engine, "n": case.n, "replicas": R,
+            "fused_kernels": len(re.findall(r"\sfusion\(", text)),
+            "while_loops": len(re.findall(r"\swhile\(", text)),
+            "hlo_instructions": sum(1 for line in text.splitlines() if " = " in line),
+            "bytes_per_replica_step": float(cost["bytes accessed"]) / R if "bytes accessed" in cost else None,
+            "flops_per_replica_step": float(cost["flops"]) / R if "flops" in cost else None}
 
 
 # -- peers ---------------------------------------------------------------------------------------
+def chain_run(c, lam, mu, theta, replicas, target_s, seed=0) -> dict:
+    """The simplest exact JAX chain (:mod:`jaxq.benchmarks.chain`) on M/M/c+M, its number of steps sized
+    by a pilot call to take about ``target_s`` seconds."""
+    from .chain import simplest_chain
+
+    pilot = simplest_chain(c, lam, mu, theta, replicas, 2_000, seed)
+    steps = int(min(max(2_000, 2_000 * target_s / max(pilot.run_s, 1e-6)), 5e8 / replicas))
+    r = simplest_chain(c, lam, mu, theta, replicas, steps, seed)
+    return {**dataclasses.asdict(r), "z_queue": r.z_queue, "z_abandon": r.z_abandon}
+
+
 def ciw_run(c, lam, mu, theta, horizon, seed=0) -> dict:
     import ciw
 
@@ -511,7 +538,8 @@ def run_bench(cfg: BenchConfig = PRESETS["full"], out: str | Path | None = None,
     record = {"schema": SCHEMA, "date": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
               "mode": cfg.mode, "config": dataclasses.asdict(cfg), "machine": info, "engines": notes,
               "canonical": [], "scaling": {"replicas": {}, "n": {}, "horizon": {}}, "peers": {},
-              "mmc_engine": [], "ratios": [], "bandwidth": [], "errors": {}}
+              "mmc_engine": [], "chain": [], "ratios": [], "bandwidth": [], "step_profile": [],
+              "errors": {}}
     log(f"jaxq bench ({cfg.mode}) on {info['platform']}:{info['device_kind']} x{info['num_devices']}, "
         f"CPU {info['cpu_model']} ({info['cpu_cores']} cores), jax {info['jax']}, load {info['loadavg_start']}")
     for name, note in notes.items():
@@ -563,6 +591,17 @@ def _engine_sections(cfg, engine, canonical, case, record, h0, log):
         by_R[R] = (c, row)
         record["canonical"].append(row)
         _print_row(row, f"R = {R}")
+
+    # the compiled step itself: kernels, loops, bytes per replica-step (so a change's effect is measured)
+    R_prof = cfg.scale_replicas if cfg.scale_replicas in by_R else max(by_R)
+    prof = step_profile(by_R[R_prof][0])
+    record["step_profile"].append(prof)
+    if "error" in prof:
+        log(f"[{engine}] step profile FAILED: {prof['error']}")
+    else:
+        log(f"[{engine}] one compiled step (R = {R_prof}): {prof['fused_kernels']} fused kernels, "
+            f"{prof['while_loops']} while loops, {prof['hlo_instructions']} HLO instructions; "
+            f"{_fmt(prof['bytes_per_replica_step'])} B and {_fmt(prof['flops_per_replica_step'])} flops per replica-step")
 
     # scaling with replicas: wall time per unit of per-replica work ~ R^k (k = 1: no gain from batching)
     Rs = sorted(by_R)
@@ -616,7 +655,8 @@ def _engine_sections(cfg, engine, canonical, case, record, h0, log):
         bw, source = memory_bandwidth(cfg)
         for R in [R for R in Rs if R >= 64] or [max(Rs)]:
             c, row = by_R[R]
-            b_step = step_bytes_per_replica(c) if cfg.step_cost else None
+            prof = step_profile(c) if cfg.step_cost else None
+            b_step = None if prof is None else prof.get("bytes_per_replica_step")
             method = "one step (vmapped), per replica"
             if b_step is None:
                 b_step = None if c.bytes_whole is None else c.bytes_whole / R
@@ -651,6 +691,14 @@ def _peer_sections(cfg, engines, case, record, h0, log):
         peers[name] = r
         log(f"  {name} {r['version']}: {r['events']} events in {r['run_s']:.2f} s (horizon {r['horizon_s']:.3g} s) "
             f"-> {r['events_per_s']:.3g} events/s")
+    for R in cfg.mmc_replicas:
+        r = chain_run(c, lam, 1.0, theta, R, cfg.target_s, cfg.seed)
+        record["chain"].append(r)
+        log(f"  simplest JAX chain R = {R}: compile {r['compile_s']:.2f} s, run {r['run_s']:.3f} s, "
+            f"{r['events']:.3g} events -> {r['events_per_s']:.3g} events/s; Erlang A check: queue "
+            f"{r['mean_queue']:.4g} ± {r['mean_queue_se']:.2g} vs {r['erlang_a_queue']:.4g} (z = {r['z_queue']:+.1f}), "
+            f"P(abandon) {r['p_abandon']:.4g} vs {r['erlang_a_abandon']:.4g} (z = {r['z_abandon']:+.1f})")
+    chain_at = {r["replicas"]: r["events_per_s"] for r in record["chain"]}
     mmc = mmc_scenario(c, lam, theta)
     for engine in engines:
         if engine in record["errors"] or engine not in cfg.mmc_engines:
@@ -670,6 +718,8 @@ def _peer_sections(cfg, engines, case, record, h0, log):
             for peer in ("ciw", "simpy"):
                 if "events_per_s" in peers.get(peer, {}):
                     ratio[f"vs_{peer}"] = row["mmc_events_per_s"] / peers[peer]["events_per_s"]
+            if R in chain_at:  # the same replica count: the chain is the ceiling, so this is <= 1
+                ratio["vs_chain"] = row["mmc_events_per_s"] / chain_at[R]
             record["ratios"].append(ratio)
             _print_row(row, f"{engine} R = {R}")
             log(f"    M/M/c+M events (arrivals + departures) {row['mmc_events_per_s']:.3g}/s: "
@@ -734,6 +784,9 @@ def format_summary(record) -> str:
                  r["horizon_s"])
         elif r:
             lines.append(f"{name}: {r.get('skipped')}")
+    for r in record.get("chain", []):
+        line(f"simplest JAX chain, M/M/{c}+M, R={r['replicas']}", r["events_per_s"], 1e6 / r["events_per_s"],
+             r["compile_s"], r["run_s"], None)
     for r in record["mmc_engine"]:
         line(f"{_eng_label(r)}, M/M/{c}+M, R={r['replicas']}, arr+dep", r["mmc_events_per_s"],
              1e6 / r["mmc_events_per_s"], r["lower_s"] + r["compile_s"], r["run_s"], r["horizon_s"])
@@ -747,6 +800,12 @@ def format_summary(record) -> str:
                      f"~ n^{_fmt(sn['exponent'], '.2f')} at fixed horizon ({sn['verdict']}; per event "
                      f"n^{_fmt(sn['exponent_us_per_event'], '.2f')}), ~ T^{_fmt(sh['exponent'], '.2f')} "
                      f"({sh['verdict']}; ~ events^{_fmt(sh['exponent_vs_events'], '.2f')})")
+    for p in record.get("step_profile", []):
+        if "error" in p:
+            lines.append(f"step profile ({p['engine']}): FAILED {p['error']}")
+        else:
+            lines.append(f"step profile ({p['engine']}, n={p['n']}, R={p['replicas']}): {p['fused_kernels']} fused "
+                         f"kernels, {p['while_loops']} while loops, {_fmt(p['bytes_per_replica_step'])} B per replica-step")
     for b in record["bandwidth"]:
         lines.append(f"bandwidth bound (exact, R={b['replicas']}): {_fmt(b['bytes_per_event'])} B/event / "
                      f"{b['bandwidth_Bps']:.3g} B/s = {_fmt(b['bound_us_per_event'])} us/event; measured "

@@ -40,6 +40,26 @@ def test_engine_sections(record):
                 "ratio_step_to_bound"):
         assert _rate(bw[key]), (key, bw[key])
     assert record["errors"] == {}
+    (prof,) = [p for p in record["step_profile"] if p["engine"] == "exact"]
+    assert prof["fused_kernels"] > 0 and prof["hlo_instructions"] >= prof["fused_kernels"]
+    assert _rate(prof["bytes_per_replica_step"])
+
+
+def test_chain_yardstick(record):
+    (chain,) = record["chain"]
+    assert chain["replicas"] == PRESETS["tiny"].mmc_replicas[0] and _rate(chain["events_per_s"])
+    (ratio,) = [q for q in record["ratios"] if q["engine"] == "exact"]
+    assert _rate(ratio["vs_chain"])
+
+
+def test_chain_agrees_with_erlang_a():
+    """The yardstick is a correct simulator: its queue length and abandonment probability within 4 SE
+    (over replicas) of Erlang A, at a load where both are far from 0."""
+    from jaxq.benchmarks.chain import simplest_chain
+
+    r = simplest_chain(c=5, lam=5.0, mu=1.0, theta=0.5, replicas=256, steps=6_000, seed=1)
+    assert abs(r.z_queue) < 4 and abs(r.z_abandon) < 4, r
+    assert r.mean_queue > 10 * r.mean_queue_se
 
 
 def test_reference_and_engine_on_mmc(record):
