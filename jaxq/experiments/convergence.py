@@ -18,8 +18,8 @@ What is measured, per n and policy, over the window [warmup, horizon] and along 
 * prefill occupancy X_i/n and the decode class split (decodes of each class on G_mix and on G_solo,
   per GPU) against the LP's x* and y* (Figs 5 and 6).
 
-Engine: the exact CTMC up to ``exact_max_n`` GPUs, the time-stepped engine (dt = 0.02 s, bias under
-0.25% of R*: docs/time-stepped.md) above it, so the quick size fits in minutes on a CPU.
+Engine: the exact CTMC up to ``exact_max_n`` GPUs, the time-stepped engine (dt = 0.02 s, bias within
+0.4% of R*: docs/time-stepped.md) above it, so the quick size fits in minutes on a CPU.
 """
 
 from __future__ import annotations

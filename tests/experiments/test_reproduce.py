@@ -146,7 +146,9 @@ def test_finite_n_smoke(tmp_path):
     traj = _rows(out.dir / "trajectory.csv")
     assert {r["variable"] for r in traj} == {"q_p", "x", "q_d", "y_mixgroup", "y_sologroup"}
     assert all(float(r["mean"]) >= 0 and math.isfinite(float(r["fluid_M_over_n"])) for r in traj)
-    assert len(m["claims"]) == 5 and all(c["evidence"] for c in m["claims"])
+    assert len(m["claims"]) == 6 and all(c["evidence"] for c in m["claims"])
+    rounding = _rows(out.dir / "rounding.csv")
+    assert all(0 < float(r["fluid_fraction_of_R_star"]) <= 1 + 1e-6 for r in rounding)
 
 
 def test_rounding_matches_the_static_plan():
@@ -158,12 +160,15 @@ def test_rounding_matches_the_static_plan():
 
     scenario = jaxq.load_scenario("canonical")
     lp = solve_bundled(scenario)
-    rows = {r["n"]: r for r in rounding_rows(scenario, lp, [20, 500, 2000])}
+    rows = {r["n"]: r for r in rounding_rows(scenario, lp, [20, 469, 500, 2000])}
     for n, r in rows.items():
         assert r["num_mixed"] == static_plan(lp, scenario, n=n).num_mixed
     assert rows[500]["spare_prefill_per_gpu"] == pytest.approx(0.00079, abs=5e-6)
     assert rows[500]["extra_class0_demand"] == pytest.approx(20.2, abs=0.05) and not rows[500]["capped"]
     assert rows[20]["capped"] and rows[20]["extra_class0_demand"] == pytest.approx(31.7, abs=0.05)
+    # the fluid with m = M/n: the rounding costs 1.45% of R* at n = 500 and almost nothing at n = 469
+    assert rows[500]["fluid_fraction_of_R_star"] == pytest.approx(0.98547, abs=2e-4)
+    assert rows[469]["fluid_fraction_of_R_star"] > 0.9995
 
 
 def test_stepped_bias_smoke(tmp_path):
