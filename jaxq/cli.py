@@ -1,5 +1,6 @@
 """The ``jaxq`` command. Each subcommand lives in its own module exposing
-``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches."""
+``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches, and imports only the
+module of the command being run (so ``jaxq --help`` does not import JAX)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = ("jaxq: LLM inference on GPU clusters as a many-server queue (exact, time-stepped and fluid "
+               "models, LPs, policies) in JAX")
+# commands whose interrupted runs pick up where they stopped when rerun
+RESUMABLE = {"sweep"}
+
+
 def build_parser(available: dict[str, object]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxq", description=__doc__.splitlines()[0])
+    """The parser; ``available`` maps command names to their modules (None: listed in the help only)."""
+    parser = argparse.ArgumentParser(prog="jaxq", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in available.items():
         p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+        if module is not None:
+            module.add_arguments(p)
+            p.set_defaults(_module=module)
     return parser
+
+
+def _import(name: str):
+    """The module of command ``name``, or None when an optional dependency of it is missing."""
+    modname = COMMANDS[name][0]
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as err:
+        if not (err.name and modname.startswith(err.name)):  # a real import error inside it
+            raise
+        return None
 
 
 def _host_devices() -> None:
@@ -45,20 +65,31 @@ def _host_devices() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:  # top-level help, or an unknown command: argparse says which
+        build_parser(dict.fromkeys(COMMANDS)).parse_args(argv)
+        return 2
     _host_devices()
-    available = {}
-    for name, (modname, _) in COMMANDS.items():
-        try:
-            available[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as err:
-            if not (err.name and modname.startswith(err.name)):  # a real import error inside it
-                raise
-    args = build_parser(available).parse_args(argv)
+    module = _import(command)
+    if module is None:
+        print(f"jaxq {command}: error: the command's module {COMMANDS[command][0]} is not installed", file=sys.stderr)
+        return 2
+    args = build_parser({command: module}).parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except ValueError as err:  # invalid configuration: a clear message, no traceback
         print(f"jaxq {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = ": rerun the same command to resume" if command in RESUMABLE else ""
+        print(f"\njaxq {command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from ..metrics.summary import Estimate, replica_metrics, status_report, summariz
 from ..model.config import load_scenario
 from ..model.scenario import Scenario
 from ..policies import Policy, PolicyTargets, load_policy
-from ..sim.batch import engine_spec, run_replicas
+from ..sim.batch import check_sizes, engine_spec, run_replicas
 from ..sim.engines import ENGINES, check
 from ..sim.state import SimParams
 
@@ -93,8 +93,11 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
                         ("warmup", warmup, 0 <= warmup < horizon)):
         if not ok:
             raise ValueError(f"invalid field '{name}': got {v!r} (need replicas >= 1, horizon > 0, 0 <= warmup < horizon)")
+    if not (isinstance(n, (int, np.integer)) and n >= 1):
+        raise ValueError(f"invalid field 'n': must be an integer >= 1, got {n!r}")
     spec = engine_spec(engine, scenario, n, room, convention, dtype)
     dt, _ = check(engine, spec, pol, dt, law if engine == "general" else None)
+    check_sizes(engine, spec, scenario, replicas, horizon, dt)
     params, lp, plan = make_params(scenario, pol, n, horizon, warmup, lp_solution=lp_solution)
     keys = jax.random.split(jax.random.key(seed), replicas)
     if engine == "stepped":

@@ -4,7 +4,7 @@
 
 The paper gives only the classes' mean prompt and output lengths (MODEL.md §7.5); the arrival rates
 (2.5 requests/s per GPU split by sample share) and patience are jaxq's [RECON] choices, documented in
-configs/dolly15k-v1.toml. What is computed:
+jaxq/scenarios/dolly15k-v1.toml. What is computed:
 
 * the bundled and separate LPs: per class x*, q_p*, q_d*, throughput and the fraction served, R*;
 * GG-SP, prioritize-and-route (separate prices) and the four Sec 6.3 baselines simulated at n GPUs,
@@ -116,7 +116,7 @@ def _claims(out, lps, results, n):
               None,
               f"R* = {b.value:.3f} (separate {lps['separate'].value:.3f}); served fraction per class: "
               + ", ".join(f"{nm} {f:.3f}" for nm, f in zip(names, served))
-              + ". Which classes are shed depends on jaxq's [RECON] arrival rates (configs/dolly15k-v1.toml).")
+              + ". Which classes are shed depends on jaxq's [RECON] arrival rates (jaxq/scenarios/dolly15k-v1.toml).")
     if "gg-sp" in results:
         g = results["gg-sp"].summary["revenue_bundled"]
         others = {p: r.summary["revenue_bundled"] for p, r in results.items() if p not in ("gg-sp", "priority")}

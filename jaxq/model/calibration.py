@@ -316,7 +316,7 @@ class Calibration:
         return self.timing.tau_mix(C)
 
     def to_toml(self) -> str:
-        """A ``[timing]`` table that drops into a scenario file (configs/*.toml)."""
+        """A ``[timing]`` table that drops into a scenario file (jaxq/scenarios/*.toml)."""
         m, s = self.mixed, self.solo
         how = "per-C means" if self.averaged_repeats else "rows"
         return (

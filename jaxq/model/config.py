@@ -77,27 +77,34 @@ def scenario_from_dict(data: dict[str, Any]) -> Scenario:
     )
 
 
+BUNDLED = Path(__file__).resolve().parents[1] / "scenarios"  # package data: ships in the wheel
+
+
 def config_dirs() -> list[Path]:
-    """Where scenario names are looked up: $JAXQ_CONFIG_PATH (os.pathsep-separated), ./configs, and
-    the repository's configs/ next to the package (editable installs)."""
+    """Where scenario names are looked up, first match wins: $JAXQ_CONFIG_PATH (os.pathsep-separated),
+    ./configs (a user's own scenarios), and the scenarios shipped in the package (jaxq/scenarios)."""
     dirs = [Path(p) for p in os.environ.get("JAXQ_CONFIG_PATH", "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"]
+    dirs += [Path.cwd() / "configs", BUNDLED]
     return [d for d in dirs if d.is_dir()]
 
 
 def resolve_scenario_path(name_or_path: str | os.PathLike) -> Path:
+    """A scenario file: ``name_or_path`` itself if it names a file (a ``.toml`` suffix or a directory
+    part makes it a path, which must exist), else the newest ``<name>.toml`` / ``<name>-v*.toml`` in
+    :func:`config_dirs`."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" and path.is_file():
-        return path
-    stem = path.name if path.suffix != ".toml" else path.stem
+    if path.suffix == ".toml" or len(path.parts) > 1:
+        if path.is_file():
+            return path
+        if path.is_dir():
+            raise ValueError(f"invalid scenario {str(name_or_path)!r}: a directory, not a .toml file")
+        raise ValueError(f"invalid scenario {str(name_or_path)!r}: no such file")
     for d in config_dirs():
-        for candidate in (d / f"{stem}.toml", *sorted(d.glob(f"{stem}-v*.toml"), reverse=True)):
+        for candidate in (d / f"{path.name}.toml", *sorted(d.glob(f"{path.name}-v*.toml"), reverse=True)):
             if candidate.is_file():
                 return candidate
-    raise ValueError(
-        f"unknown scenario {str(name_or_path)!r}: not a .toml file and not one of "
-        + ", ".join(list_scenarios()) or "(no configs/ directory found)"
-    )
+    known = ", ".join(list_scenarios()) or "(none found: no scenario directory)"
+    raise ValueError(f"unknown scenario {str(name_or_path)!r}: not a .toml file and not one of {known}")
 
 
 def list_scenarios() -> list[str]:
@@ -108,7 +115,7 @@ def list_scenarios() -> list[str]:
 
 
 def load_scenario(name_or_path: str | os.PathLike) -> Scenario:
-    """Load a scenario by path or by name (``"canonical"`` finds ``configs/canonical-v1.toml``)."""
+    """Load a scenario by path or by name (``"canonical"`` finds the bundled ``jaxq/scenarios/canonical-v1.toml``)."""
     path = resolve_scenario_path(name_or_path)
     with open(path, "rb") as fh:
         try:

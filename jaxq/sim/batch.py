@@ -11,6 +11,7 @@ multiple of the device count with extra keys whose results are dropped.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,68 @@ def engine_spec(engine: str, scenario: Scenario, n: int, room: int | None = None
     max_batch = int(scenario.cluster.B) if engine in SHAPED_BY_B else None
     return SimSpec(num_classes=scenario.num_classes, num_gpus=n, room=room, convention=convention, dtype=dtype,
                    max_batch=max_batch)
+
+
+INT32_MAX = 2**31 - 1
+# XLA keeps the loop carry, its next value and the step's temporaries: a few copies of the state
+WORKING_COPIES = 4
+
+
+def state_bytes(engine: str, spec: SimSpec, batch: int) -> int:
+    """An estimate, from the sizes alone, of one replica's simulation state in bytes: per GPU its
+    class counts and flags (int32), per decode slot of the general engine its remaining work and class,
+    and the waiting rooms (entry times, float64: the prefill queue and up to two decode buffers)."""
+    I, n = spec.num_classes, spec.num_gpus
+    per_gpu = (I + 4) * 4 + (16 * batch if engine == "general" else 0)
+    if engine == "population":  # rows are configurations, not GPUs: the count does not grow with n
+        per_gpu = 0
+    rooms = 3 * I * spec.room * 8
+    return n * per_gpu + rooms + 4096
+
+
+def machine_memory() -> int | None:
+    """Bytes this process may fill: the first device's memory limit where JAX reports one (GPU), else
+    the host's physical memory; None if neither is known."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    except Exception:  # noqa: BLE001 - CPU backends report nothing
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.3g} GiB"
+
+
+def check_sizes(engine: str, spec: SimSpec, scenario: Scenario, replicas: int, horizon: float,
+                dt: float | None = None, memory: int | None = None) -> None:
+    """Refuse, before anything is traced, a run whose sizes cannot work: a GPU-slot index or a
+    per-replica counter past int32, or a state that cannot fit this machine's memory (``memory``:
+    bytes, default :func:`machine_memory`). Raises ValueError naming the field and the limit."""
+    n, I = spec.num_gpus, spec.num_classes
+    batch = int(scenario.cluster.B)
+    if n * batch * I > INT32_MAX:
+        raise ValueError(f"invalid field 'n': n = {n} GPUs x B = {batch} slots x {I} classes overflows a 32-bit "
+                         f"index; at most n = {INT32_MAX // (batch * I)}")
+    memory = machine_memory() if memory is None else memory
+    need = WORKING_COPIES * replicas * state_bytes(engine, spec, batch)
+    if memory is not None and need > 0.8 * memory:
+        raise ValueError(f"invalid field 'n' / 'replicas': n = {n} GPUs x {replicas} replicas need about "
+                         f"{_gib(need)} of memory, more than 80% of this machine's {_gib(memory)}; lower n or "
+                         f"replicas (a sweep: max_batch)")
+    arrivals = horizon * n * float(np.max(np.asarray(scenario.classes.lam, float)))
+    if 1.2 * arrivals > INT32_MAX:  # per-class counters are int32 (with room for the noise)
+        raise ValueError(f"invalid field 'horizon': about {arrivals:.3g} arrivals of one class per replica "
+                         f"(n = {n}, horizon = {horizon:g} s) overflow the int32 counters; keep n x lam_i x "
+                         f"horizon below {INT32_MAX / 1.2:.3g}")
+    if engine == "stepped" and dt is not None and horizon / dt > INT32_MAX:
+        raise ValueError(f"invalid field 'dt': horizon / dt = {horizon / dt:.3g} steps overflow the int32 step "
+                         f"counter; at least dt = {horizon / INT32_MAX:.3g} s")
 
 
 def mesh(devices) -> Mesh:

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from ..metrics.summary import Estimate, replica_metrics, summarize
 from ..policies import get_policy
 from ..api import make_params
-from ..sim.batch import AXIS, engine_spec, mesh, padded, shard
+from ..sim.batch import AXIS, check_sizes, engine_spec, mesh, padded, shard
 from ..sim.engines import runner
 from ..sim.state import EVENT_ROWS, SimSpec
 from . import outputs
@@ -147,6 +147,10 @@ def preflight(points: Sequence[Point]) -> None:
         p = members[0]
         s = p.settings
         policy = get_policy(s["policy"])
+        try:
+            check_sizes(s["engine"], _spec(p), p.scenario, len(members) * s["replicas"], s["horizon"], s["dt"])
+        except ValueError as err:
+            raise ValueError(f"sweep point {p.index}: {err}") from None
         params, _, _ = make_params(p.scenario, policy, s["n"], s["horizon"], s["warmup"], max_steps=s["max_steps"])
         try:
             single = runner(s["engine"], _spec(p), policy, dt=s["dt"])

@@ -201,7 +201,7 @@ def test_toml_drops_into_a_scenario():
     res = cal.calibrate_from_csv(cal.EXAMPLE_MEASUREMENTS)
     timing = tomllib.loads(res.to_toml())["timing"]
     assert set(timing) == {"alpha", "beta", "gamma"}
-    data = tomllib.loads((REPO / "configs" / "canonical-v1.toml").read_text())
+    data = tomllib.loads((REPO / "jaxq" / "scenarios" / "canonical-v1.toml").read_text())
     data["timing"] = timing
     scen = scenario_from_dict(data)
     for name in ("alpha", "beta", "gamma"):

@@ -12,7 +12,7 @@ import pytest
 import jaxq
 from jaxq.model import IterationTime, scenario_from_dict
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "jaxq" / "scenarios"
 
 
 @pytest.fixture

@@ -35,3 +35,39 @@ def test_default_room_holds_an_unserved_queue():
     need = n * CANONICAL.classes.lam / CANONICAL.classes.theta
     assert default_room(CANONICAL, n) == int(1.25 * need.max() + 64)
     assert default_room(CANONICAL.replace(**{"classes.theta": [0.0, 0.0]}), 10**6) == 2**14
+
+
+# -- sizes refused before anything is traced ----------------------------------------------------------
+
+def test_check_sizes_refuses_what_cannot_work():
+    import jaxq
+    from jaxq.sim.batch import check_sizes, engine_spec
+
+    sc = jaxq.load_scenario("canonical")
+
+    def check(n, replicas=8, horizon=1000.0, engine="exact", dt=None, memory=24 * 2**30):
+        check_sizes(engine, engine_spec(engine, sc, n), sc, replicas, horizon, dt, memory=memory)
+
+    check(500)  # the paper's size is fine
+    with pytest.raises(ValueError, match=r"invalid field 'n'.*32-bit index; at most n = 67108863"):
+        check(3_000_000_000)
+    with pytest.raises(ValueError, match=r"invalid field 'n' / 'replicas'.*GiB of memory.*24 GiB"):
+        check(10_000_000, replicas=64)
+    check(10_000_000, replicas=64, horizon=100.0, engine="population")  # counts configurations: no per-GPU state
+    with pytest.raises(ValueError, match=r"invalid field 'horizon'.*int32 counters"):
+        check(500, horizon=1e9)
+    with pytest.raises(ValueError, match=r"invalid field 'dt'.*step counter"):
+        check(5, horizon=1e7, engine="stepped", dt=1e-3)
+
+
+@pytest.mark.parametrize("argv", [["--n", "3000000000"], ["--n", "100000000", "--replicas", "64"],
+                                  ["--n", "10000000", "--replicas", "64"]])
+def test_cli_refuses_huge_sizes_in_one_line(argv, capsys):
+    import time
+
+    from jaxq.cli import main
+
+    t0 = time.perf_counter()
+    assert main(["simulate", "canonical", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "invalid field 'n'" in err and time.perf_counter() - t0 < 10

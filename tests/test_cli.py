@@ -1,0 +1,50 @@
+"""The ``jaxq`` dispatcher: help without importing every command, one line for an interrupt or a
+closed pipe, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxq import cli
+
+
+def test_top_level_help_names_every_command_and_imports_no_command():
+    code = ("import sys, jaxq.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('jaxq.') and m.count('.') > 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert all(name in out for name in cli.COMMANDS)
+    assert out.strip().splitlines()[-1] == "[]"  # no command's module (jaxq.lp.cli, jaxq.sim...) imported
+    assert cli.DESCRIPTION.endswith("in JAX")
+
+
+@pytest.mark.parametrize("command, hint", [("sweep", "rerun the same command to resume"), ("scenarios", None)])
+def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys, command, hint):
+    module = cli._import(command)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    argv = [command] + (["grid.toml", "--out", "x"] if command == "sweep" else [])
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    assert (hint in err) if hint else ("resume" not in err)
+
+
+def test_closed_pipe_exits_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "jaxq.cli", "scenarios"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait() in (0, 141) and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_unknown_command_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["nonsense"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
