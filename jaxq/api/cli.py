@@ -66,12 +66,15 @@ def format_result(res) -> str:
              f"{res.replicas} replicas, horizon {res.horizon:g} s, warm-up {res.warmup:g} s, {engine} engine",
              f"LP optimum R* = {res.lp_value:.4f}; values are means ± 95% CI half-width over replicas"]
     table = []
+    num = len(names)
     for key, label in _ROWS:
         est = res.summary[key]
-        mean, half = np.atleast_1d(est.mean), np.atleast_1d(est.hi - est.mean)
-        table.append((label, [f"{m:.5g} ± {h:.2g}" for m, h in zip(mean, half)]))
-    width = 2 + max(max(len(c) for _, cells in table for c in cells), max(len(nm) for nm in names))
-    lines.append(f"  {'metric':<36}" + "".join(f"{nm:>{width}}" for nm in names))
+        cells = [f"{m:.5g} ± {h:.2g}" for m, h in zip(np.atleast_1d(est.mean), np.atleast_1d(est.hi - est.mean))]
+        # a cluster-level number (revenue) goes under "all classes", not under the first class
+        table.append((label, cells + [""] if np.ndim(est.mean) else [""] * num + cells))
+    columns = list(names) + ["all classes"]
+    width = 2 + max(max(len(c) for _, cells in table for c in cells), max(len(nm) for nm in columns))
+    lines.append(f"  {'metric':<36}" + "".join(f"{nm:>{width}}" for nm in columns))
     for label, cells in table:
         lines.append(f"  {label:<36}" + "".join(f"{c:>{width}}" for c in cells))
     if res.status:

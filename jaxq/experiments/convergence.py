@@ -231,8 +231,9 @@ def _claims(out, lp, ns, fluid, per, fluid_rounded):
               f"Static planning rounds the mixed group up, M = ceil(n sum x*), and the spare prefill capacity goes to "
               f"class 0, whose extra prefills overload the critically loaded decode stage: the fluid model with mixed "
               f"fraction M/n (not sum x*) predicts Q_d/n = {float(np.sum(fluid_rounded['q_d'][-1])):.3f} and "
-              f"Q_p,0/n = {float(fluid_rounded['q_p'][-1][0]):.3f} at n={hi_n}. The backlog vanishes only as "
-              "(M - n sum x*)/n -> 0 (docs/fluid.md, docs/finite-n.md).")
+              f"Q_p,0/n = {float(fluid_rounded['q_p'][-1][0]):.3f} at n={hi_n}. The stochastic cluster adds more: "
+              "the slots class 1's critically loaded queue leaves free go to class 0 as well, so the backlog stays "
+              "where there is no spare slot (n = 469: `jaxq reproduce finite-n`, docs/finite-n.md).")
 
     def x_rms(policy, n):
         return float(np.max(per[(policy, n)]["x_rms"]) / np.sum(lp.x))

@@ -33,6 +33,10 @@ def run(args) -> int:
         raise ValueError(f"invalid fluid field 'horizon': must be > 0, got {args.horizon!r}")
     if args.points < 2:
         raise ValueError(f"invalid fluid field 'points': must be >= 2, got {args.points!r}")
+    if not args.tol > 0:
+        raise ValueError(f"invalid fluid field 'tol': must be > 0, got {args.tol!r}")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"invalid fluid field 'n': must be an integer >= 1, got {args.n!r}")
     scenario = load_scenario(args.scenario)
     sol, lp, policy, model = integrate_scenario(scenario, args.policy, args.start, args.horizon, args.points,
                                                 n=args.n, convention=args.convention)
@@ -51,7 +55,9 @@ def run(args) -> int:
           f"{np.array2string(lp.x, precision=6)}")
     print(f"  q_p(T) = {np.array2string(np.asarray(sol.ys.q_p[-1]), precision=6)}   q_p* = "
           f"{np.array2string(lp.q_p, precision=6)}")
-    print(f"  max |x - x*|, |q_p - q_p*| at T: {err[-1]:.3e}; within {args.tol:g} from t = {t_conv:g} s")
+    within = (f"within {args.tol:g} from t = {t_conv:g} s" if np.isfinite(t_conv)
+              else f"not within {args.tol:g} by the horizon ({args.horizon:g} s)")
+    print(f"  max |x - x*|, |q_p - q_p*| at T: {err[-1]:.3e}; {within}")
     print(f"  {scheme} revenue rate at T: {rev[-1]:.6f} (LP {lp.value:.6f})")
     out = args.out or f"fluid-{scenario.name}-{args.policy}-{args.start}.png"
     plot_trajectories(sol, lp, policy, scenario, args.policy, rev, scheme, out)

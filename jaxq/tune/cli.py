@@ -44,6 +44,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    for name, value, ok, allowed in (("steps", args.steps, args.steps >= 1, "an integer >= 1"),
+                                     ("lr", args.lr, args.lr > 0, "> 0"),
+                                     ("weight", args.weight, args.weight is None or args.weight >= 0, ">= 0"),
+                                     ("perturb", args.perturb, 0 <= args.perturb < 1, "in [0, 1)")):
+        if not ok:
+            raise ValueError(f"invalid tune field '{name}': must be {allowed}, got {value!r}")
     scenario = load_scenario(args.scenario)
     result = tune(scenario, args.objective, args.weight, kind=args.policy, convention=args.convention,
                   steps=args.steps, learning_rate=args.lr, perturb=args.perturb)

@@ -228,6 +228,19 @@ def test_cli_writes_png(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, field", [(["--tol", "-1"], "tol"), (["--tol", "0"], "tol"), (["--n", "0"], "n")])
+def test_cli_refuses_bad_settings(argv, field, capsys):
+    assert main(["fluid", "canonical", *argv]) == 2
+    assert f"'{field}'" in capsys.readouterr().err
+
+
+def test_cli_says_when_it_did_not_converge(tmp_path, capsys):
+    """A horizon too short to reach the fixed point: no 'within ... from t = inf s'."""
+    rc = main(["fluid", "canonical", "--horizon", "1", "--points", "11", "--out", str(tmp_path / "f.png")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "not within 0.001 by the horizon (1 s)" in out and "inf s" not in out
+
+
 def _random_instances(base, count, seed):
     """Random two-class instances over the paper's Sec 6.3 ranges (MODEL.md §7.3), LP-feasible."""
     rng = np.random.default_rng(seed)

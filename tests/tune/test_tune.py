@@ -172,6 +172,14 @@ def test_cli_invalid_weight_is_a_clear_error(capsys):
     assert "'weight'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, field", [(["--steps", "0"], "steps"), (["--lr", "-1"], "lr"),
+                                         (["--perturb", "1.5"], "perturb")])
+def test_cli_refuses_bad_settings_before_work(argv, field, capsys):
+    assert main(["tune", "canonical", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"'{field}'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_writes_png(tmp_path, capsys):
     rc = main(["tune", "canonical", "--objective", "prefill-fairness", "--weight", "100", "--steps", "4",
                "--out", str(tmp_path)])
