@@ -30,9 +30,17 @@ DESCRIPTION = ("jaxq: LLM inference on GPU clusters as a many-server queue (exac
 RESUMABLE = {"sweep"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (the usage is a ``--help`` away), exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser(available: dict[str, object]) -> argparse.ArgumentParser:
     """The parser; ``available`` maps command names to their modules (None: listed in the help only)."""
-    parser = argparse.ArgumentParser(prog="jaxq", description=DESCRIPTION)
+    parser = OneLineParser(prog="jaxq", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in available.items():
         p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
@@ -63,18 +71,27 @@ def _host_devices() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(cores, 1)}".strip()
 
 
+def _parse(parser, argv):
+    """Parsed arguments, or the exit code argparse asked for (--help: 0, bad arguments: 2)."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:  # top-level help, or an unknown command: argparse says which
-        build_parser(dict.fromkeys(COMMANDS)).parse_args(argv)
-        return 2
+        return _parse(build_parser(dict.fromkeys(COMMANDS)), argv) or 2
     _host_devices()
     module = _import(command)
     if module is None:
         print(f"jaxq {command}: error: the command's module {COMMANDS[command][0]} is not installed", file=sys.stderr)
         return 2
-    args = build_parser({command: module}).parse_args(argv)
+    args = _parse(build_parser({command: module}), argv)
+    if isinstance(args, int):
+        return args
     try:
         return int(args._module.run(args) or 0)
     except ValueError as err:  # invalid configuration: a clear message, no traceback

@@ -60,7 +60,8 @@ def _check_vector(field: str, value, length: int | None, *, positive=False, nonn
         raise _fail(field, "a list of numbers, one per class", value)
     items = list(np.asarray(value).ravel()) if isinstance(value, np.ndarray) else list(value)
     if length is not None and len(items) != length:
-        raise _fail(field, f"a list of length {length} (one entry per class)", f"length {len(items)}")
+        raise _fail(field, f"a list of length {length} (one entry per class, as many as classes.P has)",
+                    f"length {len(items)}")
     if len(items) == 0:
         raise _fail(field, "a non-empty list (at least one class)", value)
     out = [
