@@ -3,46 +3,16 @@ claims (slow) hold; the command line validates its input."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 
 import pytest
 
 from jaxq.cli import main
 from jaxq.experiments.reproduce import EXPERIMENTS, Output, experiment_module, reproduce
-
-
-def _rows(path):
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _manifest(output):
-    return json.loads((output.dir / "manifest.json").read_text())
-
-
-def _check_outputs(output, expected_files):
-    m = _manifest(output)
-    assert m["complete"] is True and m["finished_at"]
-    assert m["experiment"] == output.experiment and m["size"] == "smoke"
-    for name in expected_files:
-        assert name in m["files"], name
-    for name in m["files"]:
-        path = output.dir / name
-        assert path.exists() and path.stat().st_size > 0, name
-        if name.endswith(".png"):
-            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return m
-
-
-def _finite_estimates(rows, metric):
-    picked = [r for r in rows if r["metric"] == metric]
-    assert picked, metric
-    for r in picked:
-        mean, lo, hi = float(r["mean"]), float(r["lo"]), float(r["hi"])
-        assert math.isfinite(mean) and lo <= mean <= hi, r
-    return picked
+from jaxq.testing.outputs import check_outputs as _check_outputs
+from jaxq.testing.outputs import finite_estimates as _finite_estimates
+from jaxq.testing.outputs import manifest as _manifest
+from jaxq.testing.outputs import rows as _rows
 
 
 def test_convergence_smoke(tmp_path):
@@ -127,59 +97,3 @@ def test_convergence_quick_claims(tmp_path):
     failed = [(c.name, c.evidence) for c in verdicts.values() if c.holds is not True]
     assert len(verdicts) == 3 and not failed, failed
 
-
-def test_finite_n_smoke(tmp_path):
-    out = reproduce("finite-n", "smoke", tmp_path)
-    m = _check_outputs(out, ["rounding.csv", "window.csv", "trajectory.csv", "finite-n-gap.png",
-                             "finite-n-ordering.png", "finite-n-trajectory.png"])
-    window = _rows(out.dir / "window.csv")
-    gap = {(r["policy"], int(r["n"])) for r in window if r["study"] == "gap"}
-    assert gap == {(p, n) for p in ("gg-sp", "gg-sp-hb", "priority") for n in (6, 10)}
-    assert {r["policy"] for r in window if r["study"] == "ordering"} == {"fi-wsp", "gi-wsp", "gf-wsp", "fg-sp"}
-    for r in _finite_estimates(window, "revenue_bundled"):
-        assert 0 < float(r["mean"]) < 305.0 + 1e-9  # never above the full-service revenue sum_i lam_i w_i
-    # the rounding table is LP arithmetic: M = ceil(n sum x*), so the spare slot lies in [0, 1/n)
-    for r in _rows(out.dir / "rounding.csv"):
-        n, spare = int(r["n"]), float(r["spare_prefill_per_gpu"])
-        assert 0 <= spare < 1 / n and float(r["decode_capacity"]) <= float(r["decode_capacity_fluid"]) + 1e-9
-        assert 0 <= float(r["extra_class0_demand"]) <= float(r["extra_class0_demand_uncapped"]) + 1e-12
-    traj = _rows(out.dir / "trajectory.csv")
-    assert {r["variable"] for r in traj} == {"q_p", "x", "q_d", "y_mixgroup", "y_sologroup"}
-    assert all(float(r["mean"]) >= 0 and math.isfinite(float(r["fluid_M_over_n"])) for r in traj)
-    assert len(m["claims"]) == 6 and all(c["evidence"] for c in m["claims"])
-    rounding = _rows(out.dir / "rounding.csv")
-    assert all(0 < float(r["fluid_fraction_of_R_star"]) <= 1 + 1e-6 for r in rounding)
-
-
-def test_rounding_matches_the_static_plan():
-    """The finite-n study's rounding arithmetic against static_plan's M and the numbers docs/finite-n.md
-    derives by hand (spare slot 0.00079 per GPU and +20.2 tokens/s at n = 500; capped at +31.7 below)."""
-    import jaxq
-    from jaxq.experiments.finite_n import rounding_rows
-    from jaxq.lp import solve_bundled, static_plan
-
-    scenario = jaxq.load_scenario("canonical")
-    lp = solve_bundled(scenario)
-    rows = {r["n"]: r for r in rounding_rows(scenario, lp, [20, 469, 500, 2000])}
-    for n, r in rows.items():
-        assert r["num_mixed"] == static_plan(lp, scenario, n=n).num_mixed
-    assert rows[500]["spare_prefill_per_gpu"] == pytest.approx(0.00079, abs=5e-6)
-    assert rows[500]["extra_class0_demand"] == pytest.approx(20.2, abs=0.05) and not rows[500]["capped"]
-    assert rows[20]["capped"] and rows[20]["extra_class0_demand"] == pytest.approx(31.7, abs=0.05)
-    # the fluid with m = M/n: the rounding costs 1.45% of R* at n = 500 and almost nothing at n = 469
-    assert rows[500]["fluid_fraction_of_R_star"] == pytest.approx(0.98547, abs=2e-4)
-    assert rows[469]["fluid_fraction_of_R_star"] > 0.9995
-
-
-def test_stepped_bias_smoke(tmp_path):
-    out = reproduce("stepped-bias", "smoke", tmp_path)
-    m = _check_outputs(out, [])
-    rows = _rows(out.dir / m["files"][0])
-    assert {r["policy"] for r in rows} >= {"gg-sp", "fi-wsp", "jsq"}  # the built-ins and the example policy
-    assert len(m["claims"]) == 1 and m["claims"][0]["holds"] is None  # 4 replicas decide nothing
-
-
-def test_tune_finite_n_smoke(tmp_path):
-    out = reproduce("tune-finite-n", "smoke", tmp_path)
-    m = _check_outputs(out, [])
-    assert m["files"] and m["claims"] and all(c["evidence"] for c in m["claims"])
