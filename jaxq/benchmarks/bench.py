@@ -102,7 +102,7 @@ class BenchConfig:
 
 PRESETS = {
     "full": BenchConfig(),
-    # a smoke run (< 1 minute): no n sweep (each n is one more compile), short timings
+    # a smoke run (about 1.5 minutes on the 2-core CPU): no n sweep (each n is one more compile), short timings
     "quick": BenchConfig(mode="quick", replicas=(1, 64), target_s=0.5, min_call_s=0.1, repeats=1,
                          min_horizon=(0.02, 0.2), mmc_engines=("exact", "population"), scale_n=(500,),
                          horizon_mults=(1.0, 2.0), mmc_replicas=(64,), step_cost=False, bandwidth_mb=64),
@@ -790,10 +790,11 @@ def format_summary(record) -> str:
     for r in record["mmc_engine"]:
         line(f"{_eng_label(r)}, M/M/{c}+M, R={r['replicas']}, arr+dep", r["mmc_events_per_s"],
              1e6 / r["mmc_events_per_s"], r["lower_s"] + r["compile_s"], r["run_s"], r["horizon_s"])
-    if record["ratios"]:
+    with_ratios = [q for q in record["ratios"] if any(k.startswith("vs_") for k in q)]
+    if with_ratios:  # none without the peers and the chain: no empty line
         lines.append("ratios on M/M/c+M (events/s, arrivals + departures): " + "; ".join(
             f"{q['engine']} R={q['replicas']}: " + ", ".join(f"{q[k]:.3g}x {k[3:]}" for k in q if k.startswith("vs_"))
-            for q in record["ratios"]))
+            for q in with_ratios))
     for eng in record["scaling"]["replicas"]:
         sr, sn, sh = (record["scaling"][d][eng] for d in ("replicas", "n", "horizon"))
         lines.append(f"growth ({eng}): time ~ R^{_fmt(sr['exponent'], '.2f')} per replica-work ({sr['verdict']}), "
@@ -829,7 +830,8 @@ def _floats(s):
 
 
 def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true", help="a smoke run (< 1 minute): R in 1,64, short timings")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (about 1.5 minutes on a 2-core CPU): R in 1,64, short timings")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None,
                         help="output folder or .json file (default benchmarks/results/bench-<platform>-<device>-<date>.json)")

@@ -147,6 +147,8 @@ def _figures(out, scenario, lp, ns, times, fluid, per, lp_target, fluid_rounded)
                     label=f"{policy} ({POLICIES[policy][0]} router): mean, 95% CI; band ±1 sd")
     ax.axhline(lp.value, ls="--", color="k", lw=1, label=f"LP optimum R* = {lp.value:.2f}")
     ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])  # the sizes themselves, not 6x10^0-style log ticks
+    ax.minorticks_off()
     ax.set_xlabel("n (GPUs)")
     ax.set_ylabel("revenue per GPU per s (bundled)")
     ax.set_title("Fig 4a: per-GPU revenue converges to R*")

@@ -84,8 +84,9 @@ def plot_trajectories(sol, lp, policy, scenario, kind, revenue, scheme, path) ->
             ax.plot(ts, ys[field][:, i], color=colors[i], label=f"{name}")
             if target is not None:
                 ax.axhline(target[i], color=colors[i], ls="--", lw=1)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("t (s)")
+        ax.set_ylabel("jobs per GPU")
 
     per_class(axes[0, 0], "x", lp.x, "prefill occupancy x_i (dashed: LP x*)")
     axes[0, 0].plot(ts, ys["x"].sum(axis=1), color="k", lw=1, label="sum x")
@@ -98,16 +99,20 @@ def plot_trajectories(sol, lp, policy, scenario, kind, revenue, scheme, path) ->
         ax.plot(ts, ys["y_solo"][:, i], color=colors[i], ls="-.", label=f"{name} solo group")
         ax.axhline(lp.y_m[i], color=colors[i], ls="--", lw=1)
         ax.axhline(lp.y_s[i], color=colors[i], ls=(0, (1, 1)), lw=1)
-    ax.set_title("decodes per class (LP: dashed y_m*, dotted y_s*" + ("" if kind == "sli" else ", not unique") + ")")
+    # two lines: the one-line title did not fit the panel
+    ax.set_title("decodes per class\n(LP: dashed y_m*, dotted y_s*" + ("" if kind == "sli" else ", not unique") + ")",
+                 fontsize=10)
     ax.set_xlabel("t (s)")
+    ax.set_ylabel("decodes per GPU")
     ax.legend(fontsize=8)
     ax = axes[1, 0]
     ax.plot(ts, ys["y_mix"].sum(axis=1), label="mixed group")
     ax.plot(ts, ys["y_solo"].sum(axis=1), label="solo group")
     ax.axhline((B - 1) * m, color="C0", ls="--", lw=1, label="K_m = (B-1) m")
     ax.axhline(B * (1 - m), color="C1", ls="--", lw=1, label="K_s = B (1-m)")
-    ax.set_title("decode pools (dashed: capacities)")
+    ax.set_title("decode pools (dashed: capacities)", fontsize=10)
     ax.set_xlabel("t (s)")
+    ax.set_ylabel("decodes per GPU")
     ax.legend(fontsize=8)
     ax = axes[1, 1]
     for i, name in enumerate(names):
@@ -115,16 +120,18 @@ def plot_trajectories(sol, lp, policy, scenario, kind, revenue, scheme, path) ->
         if kind == "sli":
             ax.plot(ts, ys["q_d_mix"][:, i], color=colors[i], ls="-.", label=f"{name} mixed buffer")
         ax.axhline(lp.q_d[i], color=colors[i], ls="--", lw=1)
-    ax.set_title("decode buffer q_d,i (dashed: LP q_d*)")
+    ax.set_title("decode buffer q_d,i (dashed: LP q_d*)", fontsize=10)
     ax.set_xlabel("t (s)")
+    ax.set_ylabel("jobs per GPU")
     ax.legend(fontsize=8)
     ax = axes[1, 2]
     ax.plot(ts, revenue, color="k")
     ax.axhline(lp.value, color="k", ls="--", lw=1, label=f"LP {lp.value:.4f}")
     lo = min(float(np.min(revenue)), 0.9 * lp.value)
     ax.set_ylim(lo - 0.05 * abs(lp.value), 1.05 * max(lp.value, float(np.max(revenue))))
-    ax.set_title(f"{scheme} revenue rate per GPU")
+    ax.set_title(f"{scheme} revenue rate per GPU", fontsize=10)
     ax.set_xlabel("t (s)")
+    ax.set_ylabel("revenue per GPU per s")
     ax.legend(fontsize=8)
     fig.suptitle(f"fluid model: {scenario.name}, policy {kind}, LP fixed point dashed")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
