@@ -20,7 +20,7 @@ TITLE = "Time-stepped engine: revenue and occupancy bias against the exact engin
 BUILT_INS = ("gg-sp", "priority", "sli", "fi-wsp", "gi-wsp", "gf-wsp", "fg-sp", "gg-sp-hb")
 EXAMPLES = ("examples/routing.py:jsq", "examples/routing.py:power_of_two")
 SIZES = {
-    "smoke": {"n": 10, "replicas": 4, "horizon": 60.0, "warmup": 20.0, "policies": ["gg-sp", "fi-wsp"],
+    "smoke": {"n": 10, "replicas": 4, "horizon": 60.0, "warmup": 20.0, "policies": ["gg-sp"],
               "examples": EXAMPLES[:1], "dts": [0.02], "scan_policy": "gg-sp", "scan_dts": [], "seed": 0},
     "quick": {"n": 50, "replicas": 64, "horizon": 1_000.0, "warmup": 200.0, "policies": list(BUILT_INS),
               "examples": list(EXAMPLES), "dts": [0.02], "scan_policy": "gg-sp", "scan_dts": [0.035, 0.01],
