@@ -160,3 +160,19 @@ def test_invalid_sweep_grids(grid, needle, tmp_path, capsys):
     path = tmp_path / "grid.toml"
     path.write_text('scenario = "canonical"\n' + grid)
     _one_line_error(capsys, main(["sweep", str(path), "--out", str(tmp_path / "out")]), needle)
+
+
+OTHER_BAD = [
+    (["reproduce", "nonsense"], "experiment"), (["reproduce", "convergence", "--size", "huge"], "--size"),
+    (["tune", "canonical", "--steps", "0"], "'steps'"), (["tune", "canonical", "--lr", "0"], "'lr'"),
+    (["tune", "canonical", "--objective", "speed"], "--objective"), (["tune", "canonical", "--perturb", "2"], "'perturb'"),
+    (["fluid", "canonical", "--tol", "-1"], "'tol'"), (["fluid", "canonical", "--horizon", "0"], "'horizon'"),
+    (["fluid", "canonical", "--points", "1"], "'points'"), (["fluid", "canonical", "--policy", "magic"], "--policy"),
+    (["lp", "/nonexistent/dir/canonical.toml"], "no such file"), (["lp", "no-such-scenario"], "no-such-scenario"),
+    (["simulate", "/nonexistent.toml"], "no such file"), (["sweep", "/nonexistent/grid.toml"], "grid"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", OTHER_BAD)
+def test_invalid_arguments_of_the_other_commands(argv, needle, capsys):
+    _one_line_error(capsys, main(argv), needle)
