@@ -133,13 +133,13 @@ def any_free_route(key, view: View):
     return uniform_choice(key, view.free_decode > 0, view.weight), jnp.int32(0)
 
 
-def _join_buffer(view: View, finished, buffers: int = 1) -> Bulk:
+def _join_buffer(view: View, finished) -> Bulk:
     """Bulk routing of a step's finished prefills into buffer 0; the drain then places them with the
     jobs already waiting (a step's completions and the buffer compete in random order)."""
     num = view.X.shape[0]
     done = _per_class(finished, num)
     return Bulk(decodes=jnp.zeros((num, finished.shape[0]), _I32),
-                buffers=jnp.zeros((buffers, num), _I32).at[0].set(done), lost=jnp.zeros((num,), _I32))
+                buffers=done[None, :], lost=jnp.zeros((num,), _I32))
 
 
 def _drain_groups(u, view: View, masks, offsets):
@@ -161,13 +161,17 @@ def _drain_groups(u, view: View, masks, offsets):
 
 
 class _FCFSBuffers(AbstractRouter):
-    """Buffers FCFS across classes, and a head has a slot when some GPU has a free decode slot."""
+    """One buffer, FCFS across classes; a head has a slot when some GPU has a free decode slot, and in
+    bulk a step's finished prefills join the buffer (the drain then places them)."""
 
     def buffer_head(self, view, b):
         return fcfs_class(view.buffer_head[b])
 
     def has_slot(self, key, view, targets, b):
         return jnp.any(view.free_decode > 0)
+
+    def route_bulk(self, key, view, targets, finished):
+        return _join_buffer(view, finished)
 
 
 class GreedyRouter(_FCFSBuffers):
@@ -180,9 +184,6 @@ class GreedyRouter(_FCFSBuffers):
 
     def route(self, key, view, targets, cls, buffer, gpu):
         return greedy_route(key, view)
-
-    def route_bulk(self, key, view, targets, finished):
-        return _join_buffer(view, finished)
 
     def drain_bulk(self, key, view, targets):
         free = jnp.maximum(view.free_decode, 0)
@@ -199,9 +200,6 @@ class AnyFreeRouter(_FCFSBuffers):
 
     def route(self, key, view, targets, cls, buffer, gpu):
         return any_free_route(key, view)
-
-    def route_bulk(self, key, view, targets, finished):
-        return _join_buffer(view, finished)
 
     def drain_bulk(self, key, view, targets):
         return _drain_groups(jax.random.uniform(key, (3,)), view, [jnp.ones_like(view.idle_prefill)], [0])

@@ -139,16 +139,18 @@ def _spec(point: Point) -> SimSpec:
     return engine_spec(s["engine"], point.scenario, s["n"], s["room"], s["convention"], s["dtype"])
 
 
-def preflight(points: Sequence[Point]) -> None:
+def preflight(points: Sequence[Point], max_batch: int = DEFAULT_MAX_BATCH) -> None:
     """Check and trace (abstractly: no compile, ~0.1-0.4 s) the single-replica simulator of every shape
     group, so a combination an engine refuses (say, a policy the population engine cannot run exactly)
-    fails before the first group runs, naming a point."""
+    or a chunk too large for memory fails before the first group runs, naming a point."""
     for members in _groups(points):
         p = members[0]
         s = p.settings
         policy = get_policy(s["policy"])
+        # memory is held one chunk at a time (plan_chunks): at most max_batch // replicas points of it
+        chunk_replicas = min(len(members), max(1, max_batch // s["replicas"])) * s["replicas"]
         try:
-            check_sizes(s["engine"], _spec(p), p.scenario, len(members) * s["replicas"], s["horizon"], s["dt"])
+            check_sizes(s["engine"], _spec(p), p.scenario, chunk_replicas, s["horizon"], s["dt"])
         except ValueError as err:
             raise ValueError(f"sweep point {p.index}: {err}") from None
         params, _, _ = make_params(p.scenario, policy, s["n"], s["horizon"], s["warmup"], max_steps=s["max_steps"])
@@ -171,7 +173,7 @@ def run_points(points: Sequence[Point], *, max_batch: int = DEFAULT_MAX_BATCH, d
         progress); an exception from it stops the run.
     on_start: called as ``on_start(chunk index, number of chunks, points in the chunk)`` before each chunk.
     """
-    preflight(points)
+    preflight(points, max_batch)
     devices = list(jax.devices() if devices is None else devices)
     grid_mesh = mesh(devices)
     key_sharding, param_sharding = NamedSharding(grid_mesh, P(None, AXIS)), NamedSharding(grid_mesh, P())
