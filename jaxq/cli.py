@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("jaxq.sweep.cli", "run a grid of scenarios x settings in batches, resumable, to CSV + manifest"),
     "reproduce": ("jaxq.experiments.reproduce", "reproduce one of the paper's experiments: data, figures, claims"),
     "tune": ("jaxq.tune.cli", "tune policy parameters by gradient through the fluid model (optax)"),
+    "trace": ("jaxq.traces.cli", "read an LLM request trace: summary and plots, fit the paper's model to it"),
 }
 
 

@@ -3,7 +3,7 @@ and no import cycle exists between modules (every import counts, the ones inside
 ``if TYPE_CHECKING:`` blocks are left out, as they never run).
 
     model  <  lp  <  fluid  <  policies  <  sim (the engines)  <  metrics  <  api (jaxq.run)
-           <  sweep, experiments, tune, benchmarks, testing, bandits, the command line
+           <  sweep, experiments, tune, benchmarks, testing, bandits, traces, the command line
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ LAYERS = [
     {"sim"},
     {"metrics"},
     {"api"},
-    {"sweep", "experiments", "tune", "benchmarks", "testing", "bandits", "cli", "__main__", "__init__"},
+    {"sweep", "experiments", "tune", "benchmarks", "testing", "bandits", "traces", "cli", "__main__", "__init__"},
 ]
 
 
