@@ -1,12 +1,19 @@
-"""`jaxq bench` in its tiny mode: every section runs and the JSON record has the expected shape.
+"""`benchmarks/device.sh --tiny`, the prepared device run at a size of seconds, and the `jaxq bench`
+record it makes in its tiny mode: every section runs and the JSON records have the expected shape.
 Speed itself is never asserted, only that each rate is a positive finite number."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from jaxq.benchmarks import PRESETS, run_bench
+from jaxq.benchmarks import PRESETS
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rate(x):
@@ -14,11 +21,33 @@ def _rate(x):
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    rec = run_bench(PRESETS["tiny"], out=out, verbose=False)
-    assert rec["path"] == str(out)
+def device_record(tmp_path_factory):
+    """One run of the device script (its bench stage is the bench record the other tests check)."""
+    out = tmp_path_factory.mktemp("device") / "device.json"
+    # the script runs `python`: this interpreter's
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device.sh"), "--tiny", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def record(device_record):
+    return device_record["stages"]["bench"]["record"]
+
+
+def test_device_script(device_record):
+    rec = device_record
+    assert rec["schema"] == "jaxq-device/1" and rec["mode"] == "tiny"
+    assert rec["device"]["platform"] == "cpu" and rec["device"]["device_kind"]
+    assert set(rec["stages"]) == {"tests", "bench", "sec63"}
+    assert all(s["returncode"] == 0 for s in rec["stages"].values()), rec["stages"]
+    tests = rec["stages"]["tests"]
+    assert tests["collect_only"] and tests["counts"].get("tests collected", 0) >= len(tests["files"])
+    sec63 = rec["stages"]["sec63"]
+    assert sec63["finished"] and sec63["cells_done"] == sec63["cells_total"] == 2
+    assert rec["stages"]["bench"]["record"]["machine"]["platform"] == "cpu"
 
 
 def test_engine_sections(record):

@@ -49,7 +49,7 @@ def test_command_line(name, engine, capsys):
     assert f"policy {example(name).name}" in out and f"{engine}" in out and "revenue, bundled" in out
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [p if p == NAMES[0] else pytest.param(p, marks=pytest.mark.slow) for p in NAMES])
 def test_stepped_agrees_with_exact(name):
     """The time-stepped engine on the per-job bulk forms it derives from the routers: revenue and
     occupancy within 4 SE of the exact engine (n = 20, dt = 0.01)."""

@@ -34,7 +34,8 @@ from jaxq.testing.scenarios import canonical
 CANONICAL = canonical()
 
 
-@pytest.mark.parametrize("name", ["gg-sp", "sli", "fi-wsp", "gf-wsp"])
+# the greedy and the split router by default; the coupled and any-slot routers with --run-slow
+@pytest.mark.parametrize("name", ["gg-sp", "sli"] + [pytest.param(p, marks=pytest.mark.slow) for p in ("fi-wsp", "gf-wsp")])
 def test_per_job_bulk_forms_agree_with_the_fast_ones(name):
     """Every built-in router (greedy, split, coupled, any free slot) and the uniform prefill placement:
     the stepped engine with the fast bulk forms and with the per-job ones they replace (one route or

@@ -35,9 +35,11 @@ def simulate(engine, policy, params, spec, seed, replicas=3):
     return state
 
 
-# every router (greedy, split, coupled, any free slot) on every engine by default; every pair with --run-slow
+# every policy on the exact engine and every router (greedy, split, coupled, any free slot) on every
+# engine by default; every pair with --run-slow
 ROUTERS = ("gg-sp", "sli", "fi-wsp", "gf-wsp")
-PAIRS = [(e, p) if e in ("exact", "stepped") or p in ROUTERS else pytest.param(e, p, marks=pytest.mark.slow)
+SLOW = pytest.mark.slow
+PAIRS = [(e, p) if e == "exact" or p in ROUTERS else pytest.param(e, p, marks=SLOW)
          for e in ENGINES for p in POLICIES]
 
 
@@ -62,7 +64,8 @@ def test_property_random_configurations(engine, name, scenario, seed):
     check_final_states(state, params, spec, policy, engine, allow_overflow=True)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+# the population engine's determinism is also pinned by its fingerprints (tests/sim/test_fingerprints.py)
+@pytest.mark.parametrize("engine", [e if e != "population" else pytest.param(e, marks=SLOW) for e in ENGINES])
 def test_same_key_bit_identical_and_batch_equals_loop(engine):
     policy, params, spec = setup(engine, "sli", horizon=100.0)
     a = simulate(engine, policy, params, spec, seed=7)
@@ -82,7 +85,8 @@ def test_same_key_bit_identical_and_batch_equals_loop(engine):
                 np.testing.assert_allclose(x, y, rtol=1e-12)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+# the two kinds of engine by default (the event engines share their loop and params handling)
+@pytest.mark.parametrize("engine", [e if e in ("exact", "stepped") else pytest.param(e, marks=SLOW) for e in ENGINES])
 def test_compiles_once_per_shape(engine):
     policy, params, spec = setup(engine, "gg-sp", horizon=50.0)
     single = runner(engine, spec, policy, service=SERVICE.get(engine))
@@ -125,8 +129,10 @@ def test_recorded_trajectory(engine):
 
 
 def test_long_horizon_time_is_float64():
-    policy, params, _ = setup("exact", "gg-sp", horizon=2e4)
-    spec = engine_spec("exact", CANONICAL, 2, room=128)
-    params = make_params(CANONICAL, policy, 2, horizon=2e4, warmup=0.0)[0]
+    """2e4 s, where float32 time would be 2 ms coarse; light traffic, so that the events are few."""
+    policy = get_policy("gg-sp")
+    light = CANONICAL.replace(**{"classes.lam": [0.05, 0.05]})
+    spec = engine_spec("exact", light, 2, room=128)
+    params = make_params(light, policy, 2, horizon=2e4, warmup=0.0)[0]
     state, _ = run_replicas(jax.random.split(jax.random.key(0), 1), params, spec, policy)
     assert state.t.dtype == jnp.float64 and float(state.t[0]) == 2e4

@@ -47,7 +47,7 @@ def test_length_laws_have_the_stated_mean_and_cv(kind, cv):
 
 # -- 1. exponential laws: the exact engine in distribution ---------------------------------------
 
-@pytest.mark.parametrize("name", ["gg-sp", "fi-wsp"])
+@pytest.mark.parametrize("name", ["gg-sp", pytest.param("fi-wsp", marks=pytest.mark.slow)])
 def test_exponential_law_agrees_with_the_exact_engine(name):
     kw = {"n": 20, "replicas": 16, "horizon": 300.0, "warmup": 60.0}
     a = run(CANONICAL, name, seed=0, **kw)

@@ -137,9 +137,9 @@ def test_sweep_runs_the_population_engine(tmp_path):
     from jaxq.sweep.runner import run_sweep
 
     grid = loads_grid('scenario = "canonical"\n[base]\nn = 6\nreplicas = 2\nhorizon = 30.0\nengine = "population"\n'
-                      '[grid]\npolicy = ["gg-sp", "fi-wsp"]\n"classes.lam" = [[0.5, 0.5], [0.4, 0.5]]\n')
+                      '[grid]\npolicy = ["gg-sp"]\n"classes.lam" = [[0.5, 0.5], [0.4, 0.5]]\n')
     out = run_sweep(grid, tmp_path / "s", quiet=True)
-    assert out.complete and len(out.rows) == 4
+    assert out.complete and len(out.rows) == 2
     assert all(int(r["status_ok"]) == 2 for r in out.rows)
     with pytest.raises(ValueError, match="dt"):
         loads_grid('scenario = "canonical"\n[base]\nengine = "population"\ndt = 0.01\n')

@@ -46,7 +46,7 @@ def _points(model, base):
     return {"start": lp_raw.perturbed(model, 0.25), "overloaded": over}
 
 
-@pytest.mark.parametrize("kind", ["gate", "sli"])
+@pytest.mark.parametrize("kind", ["gate", pytest.param("sli", marks=pytest.mark.slow)])
 def test_gradient_matches_central_differences(setup, kind):
     """d objective / d params (implicit function theorem at the fixed point) agrees with central
     finite differences of the fixed-point objective to 1e-3 relative (measured: ~1e-9)."""
