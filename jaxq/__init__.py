@@ -13,11 +13,16 @@ Importing jaxq enables JAX's float64 mode: the LPs, the fluid model and simulate
 """
 
 import importlib
+import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
-import jax
-
-jax.config.update("jax_enable_x64", True)
+# float64 on, without importing JAX here (that alone takes ~1 s, which every `jaxq --help` would pay):
+# JAX reads JAX_ENABLE_X64 when it is first imported; if it already was, its config is updated instead
+if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_enable_x64", True)
+else:
+    os.environ["JAX_ENABLE_X64"] = "1"
 
 try:
     __version__ = version("jaxq")

@@ -14,10 +14,19 @@ from jaxq import cli
 def test_top_level_help_names_every_command_and_imports_no_command():
     code = ("import sys, jaxq.cli as c\n"
             "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m.startswith('jaxq.') and m.count('.') > 1))")
+            "print(sorted(m for m in sys.modules if m.startswith('jaxq.') and m.count('.') > 1))\n"
+            "print('jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert all(name in out for name in cli.COMMANDS)
-    assert out.strip().splitlines()[-1] == "[]"  # no command's module (jaxq.lp.cli, jaxq.sim...) imported
+    assert out.strip().splitlines()[-2] == "[]"  # no command's module (jaxq.lp.cli, jaxq.sim...) imported
+    assert out.strip().splitlines()[-1] == "False"  # nor JAX (importing it takes ~1 s)
+
+
+def test_float64_whether_jax_is_imported_before_or_after_jaxq():
+    for code in ("import jaxq, jax.numpy as jnp", "import jax.numpy as jnp, jaxq"):
+        out = subprocess.run([sys.executable, "-c", code + "; print(jnp.zeros(1).dtype)"], capture_output=True,
+                             text=True, check=True).stdout
+        assert out.strip() == "float64", code
     assert cli.DESCRIPTION.endswith("in JAX")
 
 
