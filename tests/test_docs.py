@@ -40,6 +40,8 @@ def test_quoted_output_is_current(command, quoted, tmp_path, monkeypatch, capsys
     inputs = [a for a in argv if a.endswith((".csv", ".toml")) and a != "-"]
     if any(not (tmp_path / a).exists() and not (REPO / a).exists() for a in inputs):
         pytest.skip(f"illustrative: {command!r} reads a file of the reader's own")
+    # a path given from the repository's root (../shared/data/...): the same file from the scratch folder
+    argv = [str(REPO / a) if a in inputs and not (tmp_path / a).exists() else a for a in argv]
     rc = main(argv)
     captured = capsys.readouterr()
     out = captured.out

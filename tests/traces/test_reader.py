@@ -189,7 +189,7 @@ def test_azure_fixture_with_bad_rows(three_class_file):
 
 
 def test_real_azure_trace_matches_its_readme(azure_path):
-    """Figures from /work/shared/data/azure-llm-2023/README.md (written there, not computed here)."""
+    """Figures from ../shared/data/azure-llm-2023/README.md (written there, not computed here)."""
     tr = read_trace(azure_path)
     rows = sum(1 for line in azure_path.read_text().split("\n") if line.strip()) - 1  # an independent count
     assert tr.num_requests == rows

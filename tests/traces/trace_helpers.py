@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-AZURE = Path("/work/shared/data/azure-llm-2023/AzureLLMInferenceTrace_conv.csv")
+# the project's shared data folder, beside the repository (../shared from its root)
+AZURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"
 
 
 @pytest.fixture
