@@ -57,3 +57,20 @@ def test_unknown_command_is_one_line_and_exit_2(capsys):
     assert cli.main(["nonsense"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "invalid choice" in err
+
+
+def test_long_simulate_shows_its_estimated_total_and_the_same_numbers(monkeypatch, capsys):
+    """A run past the progress threshold (lowered here) times two pilots first, then shows elapsed and
+    estimated total on stderr and says when it is done; its numbers are those of the --quiet run."""
+    from jaxq.api import cli as simulate_cli
+
+    argv = ["simulate", "canonical", "--n", "4", "--replicas", "2", "--horizon", "50"]
+    assert cli.main(argv + ["--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == ""
+    monkeypatch.setattr(simulate_cli, "PROGRESS_EVENTS", 10.0)
+    assert cli.main(argv) == 0
+    shown = capsys.readouterr()
+    assert "estimated total" in shown.err and "done in" in shown.err and "pilots of 1% and 2%" in shown.err
+    table = lambda out: [ln for ln in out.splitlines() if "events in" not in ln]  # noqa: E731 (wall time differs)
+    assert table(shown.out) == table(quiet.out)

@@ -15,7 +15,7 @@ import jaxq
 
 ROOT = Path(jaxq.__file__).resolve().parent
 LAYERS = [
-    {"_types"},
+    {"_types", "_progress"},
     {"model"},
     {"lp"},
     {"fluid"},

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
 
+from .._progress import ProgressLine, clock
 from ..model.config import load_scenario
 from ..policies import POLICIES
 from ..sim.state import EVENT_ROWS
@@ -52,6 +54,8 @@ def add_arguments(parser):
                              "the paper's model); a non-exponential law runs the general engine")
     parser.add_argument("--service-cv", type=float, default=1.0,
                         help="coefficient of variation of lognormal lengths (default 1)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress line on stderr (a long run otherwise shows one, with its estimated total)")
 
 
 def format_result(res) -> str:
@@ -88,12 +92,35 @@ def _service(args):
     return ServiceLaw.of(args.service, args.service_cv)
 
 
+# A run expected to simulate more events than this (over all replicas) gets a progress line: about
+# 10 s or more at the engines' measured rates on a 2-core CPU (docs/simulation.md)
+PROGRESS_EVENTS = 2e6
+PILOT_FRACTION = 0.02  # of the horizon, timed to estimate the whole run
+
+
+def expected_events(scenario, n: int, replicas: int, horizon: float) -> float:
+    """Arrivals, prefill and decode completions and abandonments: about three events per arrival."""
+    mean_lam = getattr(scenario, "mean_lam", None)  # the time average under an arrival schedule
+    lam = np.asarray(mean_lam(horizon) if callable(mean_lam) else scenario.classes.lam, float)
+    return 3.0 * n * float(lam.sum()) * horizon * replicas
+
+
 def run(args) -> int:
     scenario = load_scenario(args.scenario)
+    kw = dict(n=args.n, replicas=args.replicas, seed=args.seed, convention=args.convention, engine=args.engine,
+              dt=args.dt, service=_service(args))
     t0 = time.perf_counter()
-    res = run_simulation(scenario, args.policy, n=args.n, replicas=args.replicas, horizon=args.horizon,
-              warmup=args.warmup, seed=args.seed, convention=args.convention, engine=args.engine, dt=args.dt,
-              service=_service(args))
+    progress = None
+    n = scenario.cluster.n if args.n is None else args.n
+    if not args.quiet and expected_events(scenario, n, args.replicas, args.horizon) > PROGRESS_EVENTS:
+        progress, finish = _with_estimate(scenario, args, kw)
+    try:
+        res = run_simulation(scenario, args.policy, horizon=args.horizon, warmup=args.warmup, **kw)
+        if progress is not None:
+            finish()
+    finally:
+        if progress is not None:
+            progress.close()
     elapsed = time.perf_counter() - t0
     print(format_result(res))
     totals = np.asarray(res.state.totals)  # arrivals, completions, abandonments: the same count for both engines
@@ -102,3 +129,31 @@ def run(args) -> int:
     return 1 if res.status else 0
 
 
+def _with_estimate(scenario, args, kw):
+    """The progress line of a long run. One batched call cannot report as it goes, so the run's length is
+    estimated first: a short call compiles the program (the run reuses it: the horizon is data), then
+    pilots of PILOT_FRACTION / 2 and PILOT_FRACTION of the horizon are timed. Both start from an empty
+    cluster, whose first seconds are cheap, so the run is extrapolated from the difference between them
+    (the cost of simulated time once the cluster has filled), never below the plain scaling of the
+    longer pilot. Neither call changes the run's numbers (they are separate calls)."""
+    status = ProgressLine(lambda e: f"simulate: compiling and timing two short pilot runs | elapsed {clock(e)}")
+    try:
+        h, walls = args.horizon, []
+        for frac in (1e-3, PILOT_FRACTION / 2, PILOT_FRACTION):
+            t = time.perf_counter()
+            run_simulation(scenario, args.policy, horizon=frac * h, warmup=0.0, **kw)
+            walls.append(time.perf_counter() - t)
+        _, w1, w2 = walls
+        total = max(w2 / PILOT_FRACTION, w2 + (1.0 - PILOT_FRACTION) * (w2 - w1) / (PILOT_FRACTION / 2))
+    finally:
+        status.close()
+    head = f"simulate {args.replicas} replicas x {args.horizon:g} s"
+    basis = f"from pilots of {PILOT_FRACTION / 2:.0%} and {PILOT_FRACTION:.0%} of the horizon"
+    finished = []  # set when the run has returned: the last redraw says so
+
+    def text(e):
+        if finished:
+            return f"{head} | done in {clock(e)} (estimated {clock(total)}, {basis})"
+        return f"{head} | elapsed {clock(e)} | estimated total {clock(total)} ({basis})"
+
+    return ProgressLine(text, stream=sys.stderr), lambda: finished.append(True)

@@ -18,14 +18,12 @@ import datetime as _dt
 import json
 import os
 import subprocess
-import sys
-import threading
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
+from .._progress import ProgressLine, clock
 from ..metrics.summary import replica_metrics
 from ..sim.state import NUM_COUNTERS, STATUS_NAMES
 from .grid import MODEL_FIELDS, PER_CLASS, RUN_FIELDS, Grid, Point, scenario_dict
@@ -247,42 +245,18 @@ def _json_default(v):
 
 # -- progress ------------------------------------------------------------------------------------------
 
-def _clock(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-class Progress:
-    """A one-line progress report on stderr, redrawn with a carriage return (no dependency).
+class Progress(ProgressLine):
+    """The sweep's progress line: points done of all, the chunk running, events/s, elapsed, time left.
 
     Points are counted when their chunk finishes, and a chunk can run for minutes (at paper size, one
-    policy's points), so the line also names the chunk running and, while enabled, a background thread
-    redraws it every ``tick`` seconds (default: 1 s on a terminal, 30 s into a file or pipe): the elapsed
-    time moves even when no point has finished."""
+    policy's points), so the line also names the chunk running, and it is redrawn every ``tick``
+    seconds (:class:`jaxq._progress.ProgressLine`)."""
 
     def __init__(self, total: int, done: int = 0, stream=None, enabled: bool = True, tick: float | None = None):
         self.total, self.done, self.start_done = total, done, done
         self.events = 0
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.width = 0
         self.running = ""
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ticker = None
-        if tick is None:
-            tick = 1.0 if getattr(self.stream, "isatty", lambda: False)() else 30.0
-        if enabled and tick > 0:
-            self._ticker = threading.Thread(target=self._tick, args=(tick,), daemon=True)
-            self._ticker.start()
-        self.draw()
-
-    def _tick(self, every: float) -> None:
-        while not self._stop.wait(every):
-            self.draw()
+        super().__init__(self.line, stream=stream, enabled=enabled, tick=tick)
 
     def start_chunk(self, index: int, count: int, points: int) -> None:
         """Chunk ``index`` (0-based) of ``count``, with ``points`` points, starts now."""
@@ -295,30 +269,13 @@ class Progress:
         self.running = ""
         self.draw()
 
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
+    def line(self, elapsed: float | None = None) -> str:
+        elapsed = self.elapsed if elapsed is None else elapsed
         computed = self.done - self.start_done
         rate = self.events / elapsed if elapsed > 0 else 0.0
         left = elapsed / computed * (self.total - self.done) if computed else float("nan")
         if self.done >= self.total:
             left = 0.0
         running = f" | {self.running}" if self.running else ""
-        return (f"sweep {self.done}/{self.total} points{running} | {rate:.3g} events/s | elapsed {_clock(elapsed)} | "
-                f"left {_clock(left)}")
-
-    def draw(self) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            text = self.line()
-            self.stream.write("\r" + text.ljust(self.width))
-            self.stream.flush()
-            self.width = len(text)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join()
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        return (f"sweep {self.done}/{self.total} points{running} | {rate:.3g} events/s | elapsed {clock(elapsed)} | "
+                f"left {clock(left)}")
