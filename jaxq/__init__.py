@@ -34,7 +34,7 @@ _EXPORTS = {
     # scenarios and the model
     "Scenario": "jaxq.model", "JobClasses": "jaxq.model", "Cluster": "jaxq.model", "IterationTime": "jaxq.model",
     "Pricing": "jaxq.model", "ModelParams": "jaxq.model", "Spec": "jaxq.model", "load_scenario": "jaxq.model",
-    "list_scenarios": "jaxq.model",
+    "list_scenarios": "jaxq.model", "ArrivalSchedule": "jaxq.model",
     # steady-state LPs and static planning
     "solve_lp": "jaxq.lp", "solve_bundled": "jaxq.lp", "solve_separate": "jaxq.lp", "solve_sli": "jaxq.lp",
     "static_plan": "jaxq.lp",

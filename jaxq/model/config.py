@@ -3,7 +3,9 @@
 A scenario file has the top-level keys ``name``, ``version`` (int >= 1), optional ``description``
 and ``source``, and the tables ``[cluster]`` (n, B, C), ``[timing]`` (either alpha, beta, gamma, or
 the piecewise law c, a, b0 with optional gamma), ``[prices]`` (c_p, c_d, scheme) and ``[classes]``
-(P, D, lam, theta, optional names). Unknown and missing keys raise ``ValueError`` naming the key.
+(P, D, lam, theta, optional names), and optionally ``[arrivals]`` (breakpoints, factors: a piecewise-
+constant rate multiplier, :class:`jaxq.model.scenario.ArrivalSchedule`). Unknown and missing keys raise
+``ValueError`` naming the key.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .scenario import Cluster, IterationTime, JobClasses, Pricing, Scenario
+from .scenario import ArrivalSchedule, Cluster, IterationTime, JobClasses, Pricing, Scenario
 
 _TOP_REQUIRED = {"name", "version", "cluster", "timing", "prices", "classes"}
-_TOP_OPTIONAL = {"description", "source"}
+_TOP_OPTIONAL = {"description", "source", "arrivals"}
 _TABLES = {
     "cluster": ({"n", "B", "C"}, set()),
     "prices": ({"c_p", "c_d", "scheme"}, set()),
@@ -66,6 +68,10 @@ def scenario_from_dict(data: dict[str, Any]) -> Scenario:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"invalid scenario field 'version': must be an integer >= 1, got {version!r}")
     c = data["classes"]
+    arrivals = None
+    if "arrivals" in data:
+        _check_keys("arrivals", data["arrivals"], {"breakpoints", "factors"}, set())
+        arrivals = ArrivalSchedule(breakpoints=data["arrivals"]["breakpoints"], factors=data["arrivals"]["factors"])
     return Scenario(
         classes=JobClasses(P=c["P"], D=c["D"], lam=c["lam"], theta=c["theta"], names=tuple(c.get("names", ()))),
         cluster=Cluster(**data["cluster"]),
@@ -74,6 +80,7 @@ def scenario_from_dict(data: dict[str, Any]) -> Scenario:
         name=name,
         version=version,
         description=str(data.get("description", "")),
+        arrivals=arrivals,
     )
 
 

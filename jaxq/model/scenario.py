@@ -10,6 +10,10 @@ The formulas follow MODEL.md §1 (paper eqs. 1-4):
 * iteration-time law  tau(b') = c + a * max(0, b' - b0);  mixed iteration tau_mix(C) = alpha + beta*C
   with alpha = c - a*b0, beta = a; solo decode token rate gamma = 1/tau_solo (= 1/c for the piecewise law);
 * rates  mu_p = C / (P tau),  mu_m = 1 / (D tau),  mu_s = gamma / D.
+
+An optional :class:`ArrivalSchedule` (TOML table ``[arrivals]``) makes the rates piecewise constant in
+time: class i arrives at n lam_i f_{i,s} on [t_s, t_{s+1}). The LP and the fluid model keep the
+constant lam; :meth:`Scenario.mean_lam` gives the time average lam_i x mean factor over [0, T].
 """
 
 from __future__ import annotations
@@ -166,6 +170,83 @@ class Pricing:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArrivalSchedule:
+    """Piecewise-constant arrival-rate multipliers: class i arrives at n lam_i f_{i,s} per second on
+    [t_s, t_{s+1}), the last piece extending to infinity. ``breakpoints`` t_0 = 0 < t_1 < ... (s);
+    ``factors`` one row of S factors >= 0 per class, or a single row (a flat list) for every class.
+    Every class needs a positive factor somewhere; the factors' mean need not be 1 (lam is a base rate).
+    Checked on construction; the row count against the classes in :class:`Scenario`."""
+
+    breakpoints: np.ndarray
+    factors: np.ndarray
+
+    def __post_init__(self):
+        bp = self.breakpoints
+        if isinstance(bp, (str, bytes)) or not isinstance(bp, (Sequence, np.ndarray)) or len(bp) == 0:
+            raise _fail("arrivals.breakpoints", "a non-empty list of times (s) starting at 0", bp)
+        bp = np.asarray([_check_real(f"arrivals.breakpoints[{k}]", v, nonneg=True) for k, v in enumerate(bp)])
+        if bp[0] != 0.0:
+            raise _fail("arrivals.breakpoints", "a list starting at 0.0", self.breakpoints)
+        if np.any(np.diff(bp) <= 0):
+            raise _fail("arrivals.breakpoints", "strictly increasing", self.breakpoints)
+        num = len(bp)
+        f = self.factors
+        if isinstance(f, (str, bytes)) or not isinstance(f, (Sequence, np.ndarray)) or len(f) == 0:
+            raise _fail("arrivals.factors", f"a list of {num} factors or a list of such rows, one per class", f)
+        rows = [f] if not isinstance(f[0], (Sequence, np.ndarray)) or isinstance(f[0], (str, bytes)) else list(f)
+        out = []
+        for i, row in enumerate(rows):
+            where = "arrivals.factors" if rows[0] is f else f"arrivals.factors[{i}]"
+            if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray)) or len(row) != num:
+                raise _fail(where, f"a list of {num} factors (one per breakpoint)", row)
+            vals = [_check_real(f"{where}[{s}]", v, nonneg=True) for s, v in enumerate(row)]
+            if not any(v > 0 for v in vals):
+                raise _fail(where, "a row with at least one factor > 0 (else the class never arrives)", row)
+            out.append(vals)
+        factors = np.asarray(out, dtype=np.float64)
+        bp.setflags(write=False)
+        factors.setflags(write=False)
+        object.__setattr__(self, "breakpoints", bp)
+        object.__setattr__(self, "factors", factors)
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.breakpoints)
+
+    def for_classes(self, num_classes: int) -> "ArrivalSchedule":
+        """The schedule with one row per class (a single row repeated); raises unless it has 1 or
+        ``num_classes`` rows."""
+        rows = self.factors.shape[0]
+        if rows == num_classes:
+            return self
+        if rows != 1:
+            raise _fail("arrivals.factors", f"a single row or {num_classes} rows (one per class, as many as "
+                        "classes.P has)", f"{rows} rows")
+        return ArrivalSchedule(self.breakpoints, np.repeat(self.factors, num_classes, axis=0))
+
+    def integral(self, t: float) -> np.ndarray:
+        """int_0^t f_i (factor-seconds) per row, for t >= 0."""
+        ends = np.append(self.breakpoints[1:], np.inf)
+        overlap = np.clip(np.minimum(ends, t) - self.breakpoints, 0.0, None)
+        return self.factors @ overlap
+
+    def mean_factor(self, horizon: float) -> np.ndarray:
+        """(1/T) int_0^T f_i per row: the time-average multiplier over [0, T]."""
+        horizon = _check_real("horizon", horizon, positive=True)
+        return self.integral(horizon) / horizon
+
+    def arrays(self, num_classes: int | None = None):
+        """The schedule as a :class:`jaxq.model.params.RateSchedule` (float64 arrays), one row per class."""
+        import jax.numpy as jnp
+
+        from .params import RateSchedule
+
+        sched = self if num_classes is None else self.for_classes(num_classes)
+        return RateSchedule(breakpoints=jnp.asarray(sched.breakpoints, jnp.float64),
+                            factors=jnp.asarray(sched.factors, jnp.float64))
+
+
+@dataclasses.dataclass(frozen=True)
 class Scenario:
     """A complete, validated model instance (MODEL.md §1). Immutable; derive variants with
     :meth:`replace`."""
@@ -177,6 +258,7 @@ class Scenario:
     name: str = "unnamed"
     version: int = 1
     description: str = ""
+    arrivals: ArrivalSchedule | None = None  # None: constant rates lam
 
     def __post_init__(self):
         for field, typ in (("classes", JobClasses), ("cluster", Cluster), ("timing", IterationTime),
@@ -185,6 +267,10 @@ class Scenario:
                 raise _fail(field, f"a {typ.__name__}", getattr(self, field))
         if self.cluster.C < 1:
             raise _fail("cluster.C", "an integer >= 1", self.cluster.C)
+        if self.arrivals is not None:
+            if not isinstance(self.arrivals, ArrivalSchedule):
+                raise _fail("arrivals", "an ArrivalSchedule or None", self.arrivals)
+            object.__setattr__(self, "arrivals", self.arrivals.for_classes(self.num_classes))
 
     # -- derived quantities (float64, host side) -------------------------------------------------
     @property
@@ -205,6 +291,21 @@ class Scenario:
         """Bundled price per class-i request, w_i = c_p P_i + c_d D_i."""
         return self.pricing.c_p * self.classes.P + self.pricing.c_d * self.classes.D
 
+    def mean_lam(self, horizon: float) -> np.ndarray:
+        """The time-average arrival rate per GPU over [0, horizon], lam_i x (1/T) int_0^T f_i (lam itself
+        without a schedule). The LP and the fluid model use the constant ``classes.lam``: pass
+        ``replace(**{"classes.lam": s.mean_lam(T)})`` to plan for the average instead."""
+        if self.arrivals is None:
+            return self.classes.lam.copy()
+        return self.classes.lam * self.arrivals.mean_factor(horizon)
+
+    @property
+    def peak_lam(self) -> np.ndarray:
+        """The largest arrival rate per GPU of each class over time (lam without a schedule)."""
+        if self.arrivals is None:
+            return self.classes.lam.copy()
+        return self.classes.lam * self.arrivals.factors.max(axis=1)
+
     def prop_3_2_holds(self) -> bool:
         """Prop 3.2: gamma*tau >= (B-1)/B implies an optimal bundled LP solution with q_d = 0."""
         return self.timing.gamma * self.tau >= (self.cluster.B - 1) / self.cluster.B
@@ -223,9 +324,11 @@ class Scenario:
         attr = {"prices": "pricing"}
         for head, leaves in groups.items():
             name = attr.get(head, head)
-            if name not in ("classes", "cluster", "timing", "pricing"):
-                raise _fail(head, "one of classes, cluster, timing, prices", head)
+            if name not in ("classes", "cluster", "timing", "pricing", "arrivals"):
+                raise _fail(head, "one of classes, cluster, timing, prices, arrivals", head)
             sub = getattr(self, name)
+            if sub is None:
+                raise _fail(head, "set as a whole first (this scenario has no arrival schedule)", head)
             valid = {f.name for f in dataclasses.fields(sub)}
             for leaf in leaves:
                 if leaf not in valid:

@@ -29,10 +29,10 @@ AXIS = "replica"
 
 def default_room(scenario: Scenario, n: int) -> int:
     """Waiting-room cells per class: 1.25 x max_i n lam_i / theta_i + 64 (a queue nobody serves is
-    Poisson(n lam / theta), so this holds it with room to spare), at most 2^14. A full room still never
-    drops silently (``lost`` and a status bit)."""
+    Poisson(n lam / theta), so this holds it with room to spare), at most 2^14; under a rate schedule
+    lam_i is the class's peak rate. A full room still never drops silently (``lost`` and a status bit)."""
     theta = np.maximum(np.asarray(scenario.classes.theta, float), 1e-3)
-    return int(min(2**14, 1.25 * np.max(n * np.asarray(scenario.classes.lam, float) / theta) + 64))
+    return int(min(2**14, 1.25 * np.max(n * np.asarray(scenario.peak_lam, float) / theta) + 64))
 
 
 def engine_spec(engine: str, scenario: Scenario, n: int, room: int | None = None, convention: str = "B",
@@ -97,7 +97,7 @@ def check_sizes(engine: str, spec: SimSpec, scenario: Scenario, replicas: int, h
         raise ValueError(f"invalid field 'n' / 'replicas': n = {n} GPUs x {replicas} replicas need about "
                          f"{_gib(need)} of memory, more than 80% of this machine's {_gib(memory)}; lower n or "
                          f"replicas (a sweep: max_batch)")
-    arrivals = horizon * n * float(np.max(np.asarray(scenario.classes.lam, float)))
+    arrivals = horizon * n * float(np.max(np.asarray(scenario.peak_lam, float)))
     if 1.2 * arrivals > INT32_MAX:  # per-class counters are int32 (with room for the noise)
         raise ValueError(f"invalid field 'horizon': about {arrivals:.3g} arrivals of one class per replica "
                          f"(n = {n}, horizon = {horizon:g} s) overflow the int32 counters; keep n x lam_i x "

@@ -21,7 +21,9 @@ Exactness of the event engine. Arrivals run on their own stream (each class's ne
 drawn from ``fold_in(arrival_key, class, index)``): the superposition is the same CTMC, and two
 policies on one key see the same arrivals (common random numbers). Every other event comes from the
 cluster (:meth:`AbstractCluster.next_event`); stopping at the horizon (or at a recording time) and
-redrawing afterwards is exact by memorylessness. Simulated time is float64.
+redrawing afterwards is exact by memorylessness. Simulated time is float64. Under a rate schedule
+(``params.model.arrivals``) the same Exp(1) draw is mapped through the cumulative intensity
+(:func:`next_arrival_time`), which is exact for a nonstationary Poisson process.
 
 Decisions. After each event the policy's decisions are applied at once, in its order: a finished
 prefill's job is routed, buffer heads take freed decode slots, idle prefill slots admit (the gate is
@@ -285,6 +287,21 @@ def arrival_keys(arrival_key, num_classes: int):
     return jax.vmap(lambda c: jax.random.fold_in(arrival_key, c))(jnp.arange(num_classes))
 
 
+def next_arrival_time(n: int, lam, schedule, cls, t, gap):
+    """The next class-``cls`` arrival after ``t`` from its Exp(1) variate ``gap`` (float64 time):
+    ``t + gap / (n lam)`` at constant rate; under a :class:`~jaxq.model.params.RateSchedule` of S > 1
+    pieces F^{-1}(F(t) + gap / (n lam)) with F the cumulative factor (the inverse of the cumulative
+    intensity: exact for a nonstationary Poisson process; +inf when the rate is 0 from some time on and
+    the draw reaches beyond). S is static: no schedule or one piece compiles the constant-rate code
+    (a one-piece factor f scales lam; f = 1 is bit-identical to no schedule)."""
+    if schedule is None:
+        return t + (gap / (n * lam[cls])).astype(jnp.float64)
+    if schedule.num_pieces == 1:
+        return t + (gap / (n * (lam[cls] * schedule.factors[cls, 0].astype(lam.dtype)))).astype(jnp.float64)
+    y = schedule.integral(t, cls) + (gap / (n * lam[cls])).astype(jnp.float64)
+    return jnp.maximum(schedule.invert(cls, y), t)
+
+
 def step_keys(service_keys, step):
     """The step's key for each role, in STEP_ROLES order."""
     return [jax.random.fold_in(service_keys[j], step) for j in range(len(STEP_ROLES))]
@@ -314,6 +331,13 @@ class EventEngine(AbstractEngine):
         arrival_key, service_key = jax.random.split(key)
         class_keys = arrival_keys(arrival_key, num)
         first = jax.vmap(lambda k: jax.random.exponential(jax.random.fold_in(k, 0)))(class_keys)
+        schedule = params.model.arrivals
+        if schedule is None:
+            first_arrivals = first / (n * params.model.lam)
+        else:
+            t0 = jnp.zeros((), jnp.float64)
+            first_arrivals = jax.vmap(lambda c, e: next_arrival_time(n, params.model.lam, schedule, c, t0, e))(
+                jnp.arange(num), first)
         zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
         groups = self.policy.partition.groups(params.targets, n)
         state = EventState(
@@ -324,7 +348,7 @@ class EventEngine(AbstractEngine):
             queue=jnp.full((num, K), jnp.inf), queue_start=jnp.zeros((num,), _I32), q_p=jnp.zeros((num,), _I32),
             buffers=jnp.full((nb, num, K), jnp.inf), buffer_start=jnp.zeros((nb, num), _I32),
             q_d=jnp.zeros((nb, num), _I32),
-            next_arrival=first / (n * params.model.lam), counts=zeros, integrals=jnp.zeros((6, num)),
+            next_arrival=first_arrivals, counts=zeros, integrals=jnp.zeros((6, num)),
             totals=zeros, status=jnp.zeros((), _I32),
         )
         return (class_keys, jax.random.split(service_key, len(STEP_ROLES))), state
@@ -455,18 +479,18 @@ class EventEngine(AbstractEngine):
         return eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(lost, OVERFLOW, 0))
 
     # -- events ------------------------------------------------------------------------------------
-    def arrive(self, class_keys, m, state, cls_arrival, t_arrival, post, arrive):
+    def arrive(self, class_keys, m, schedule, state, cls_arrival, t_arrival, post, arrive):
         """Apply an arrival of class ``cls_arrival`` (where ``arrive``) and draw that class's next one
         from its own stream: the k-th gap of class c comes from ``fold_in(class_keys[c], k)``
         (:func:`arrival_keys`), so every policy and engine on one key sees the same arrivals (common
-        random numbers)."""
+        random numbers); ``schedule``: the rate schedule (float64) or None (:func:`next_arrival_time`)."""
         state = count_one(state, ARRIVED, cls_arrival, post, arrive)
         state, lost = room_push(state, "queue", cls_arrival, state.t, arrive)
         state = self.lose(state, cls_arrival, post, lost)
         index = state.totals[ARRIVED, cls_arrival]
         key = jax.random.fold_in(class_keys[cls_arrival], index)
         gap = jax.random.exponential(key, dtype=m.lam.dtype)
-        nxt = state.t + (gap / (self.spec.num_gpus * m.lam[cls_arrival])).astype(jnp.float64)
+        nxt = next_arrival_time(self.spec.num_gpus, m.lam, schedule, cls_arrival, state.t, gap)
         return eqx.tree_at(lambda s: s.next_arrival, state,
                            state.next_arrival.at[cls_arrival].set(jnp.where(arrive, nxt, t_arrival)))
 
@@ -497,7 +521,7 @@ class EventEngine(AbstractEngine):
 
         # an arrival (own stream)
         arrive = live & is_arrival
-        state = self.arrive(class_keys, m, state, cls_arrival, t_arrival, post, arrive)
+        state = self.arrive(class_keys, m, params.model.arrivals, state, cls_arrival, t_arrival, post, arrive)
 
         # otherwise the cluster's event
         other = live & ~is_arrival

@@ -5,6 +5,8 @@ The discrete-time model. Time runs in steps of ``dt`` (the horizon is split into
 them). In each step:
 
 * class-i arrivals are Poisson(n lam_i dt) (own random stream: common random numbers across policies);
+  under a rate schedule (``params.model.arrivals``) Poisson with mean n lam_i int f_i over the step
+  (:func:`arrival_means`), exact for a nonstationary Poisson process;
 * every job in service or waiting finishes its phase with probability rate x dt, independently: a
   prefill with mu_p,i dt, a decode with mu_m,i dt or mu_s,i dt by its GPU's mode, a waiting job
   abandons with theta_i dt. Phase lengths are geometric in steps with mean dt/(rate dt) = 1/rate,
@@ -100,6 +102,19 @@ def check_dt(model, dt: float) -> None:
         name = max(rates, key=lambda k: float(np.max(np.asarray(rates[k]))))
         raise ValueError(f"invalid field 'dt': the fastest phase ({name} = {worst:.4g}/s) needs dt <= "
                          f"{1.0 / worst:.4g} s so that its per-step probability rate x dt stays <= 1, got dt = {dt}")
+
+
+def arrival_means(n: int, lam, schedule, t0, t1, dt):
+    """Expected class arrivals in the step [t0, t1) of length ``dt`` (in ``lam``'s dtype): n lam dt at
+    constant rate, n lam (F(t1) - F(t0)) under a schedule of S > 1 pieces (F: the cumulative factor,
+    float64). S is static: no schedule or one piece compiles the constant-rate code (factor 1: the same
+    bits as no schedule)."""
+    if schedule is None:
+        return n * lam * dt
+    if schedule.num_pieces == 1:
+        return n * (lam * schedule.factors[:, 0].astype(lam.dtype)) * dt
+    mass = schedule.integral(t1) - schedule.integral(t0)
+    return (n * lam.astype(jnp.float64) * mass).astype(lam.dtype)
 
 
 def _decode_completions(u, decodes, slow, p_slow, p_fast):
@@ -336,7 +351,7 @@ class SteppedEngine(AbstractEngine):
         w = jnp.maximum(jnp.minimum(t1, params.horizon) - jnp.maximum(t0, params.warmup), 0.0)
         rand = _Uniforms(k_misc, 3 * num + num * nb + 1, dtype)
         u_arrive = jax.random.uniform(jax.random.fold_in(arrival_key, state.step), (num,), dtype=dtype)
-        arrivals = count_draw(u_arrive, n * m.lam * dt_)
+        arrivals = count_draw(u_arrive, arrival_means(n, m.lam, params.model.arrivals, t0, t1, dt_))
         # levels are constant through the step, except that this step's arrivals wait from their
         # arrival (uniform in the step) to its end: half a step each on average
         levels = self.levels(state)
