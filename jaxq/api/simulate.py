@@ -72,7 +72,10 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
     instead of the policy's own LP. ``service`` is the law of the prompt and output lengths (a
     :class:`jaxq.sim.general.ServiceLaw` or "exponential", "deterministic", "lognormal"): a
     non-exponential law runs the "general" engine (:mod:`jaxq.sim.general`; engine "exact" switches to
-    it, "stepped" refuses); engine "general" may also be asked for by name.
+    it, "stepped" refuses); engine "general" may also be asked for by name. An empirical law
+    (``ServiceLaw.empirical(prompt_samples, output_samples)``) needs the scenario's P_i, D_i to be its
+    sample means (``law.with_means(scenario)``; checked to 0.1%). A scenario's arrival schedule
+    (``scenario.arrivals``) drives every engine; the LP plans for the constant ``classes.lam``.
     """
     from ..sim.general import ServiceLaw
 
@@ -86,6 +89,7 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
             raise ValueError(f"invalid field 'service': the {engine} engine simulates exponential lengths only "
                              f"(use engine 'exact' or 'general'), got {law.label()!r}")
         engine = "general"
+    law.check_means(scenario.classes.P, scenario.classes.D)  # an empirical law's samples define the means
     pol = load_policy(policy)
     n = scenario.cluster.n if n is None else n
     warmup = 0.2 * horizon if warmup is None else warmup

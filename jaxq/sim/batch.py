@@ -137,11 +137,22 @@ def pad_keys(keys, num_devices: int):
 
 
 @functools.cache
-def _program(engine: str, spec: SimSpec, policy: Policy, dt, service, record_times, devices: tuple, replicas: int):
+def _program(engine: str, spec: SimSpec, policy: Policy, dt, service, record_times, devices: tuple, replicas: int,
+             law_as_data: bool = False):
     """One jitted program per (engine, shapes, policy, service law, devices, replicas): replicas vmapped,
     padded to a multiple of the device count and split over ``devices``; the padding is dropped inside
-    the program (one op per leaf outside it would be one more dispatch each)."""
+    the program (one op per leaf outside it would be one more dispatch each). ``law_as_data``: the
+    program takes the general engine's law as a third argument (LawArrays) instead of compiling it in."""
     single = runner(engine, spec, policy, dt=dt, service=service)
+    if law_as_data:
+        def local_law(keys, params, law):
+            return jax.vmap(lambda k: single(k, params, record_times, law))(keys)
+
+        sharded_law = shard(local_law, devices, (P(AXIS), P(), P()), P(AXIS))
+        if padded(replicas, len(devices)) == replicas:
+            return sharded_law
+        return jax.jit(lambda keys, params, law: jax.tree_util.tree_map(lambda x: x[:replicas],
+                                                                        sharded_law(keys, params, law)))
 
     def local(keys, params):
         return jax.vmap(lambda k: single(k, params, record_times))(keys)
@@ -174,5 +185,8 @@ def run_replicas(keys, params: SimParams, spec: SimSpec, policy: Policy, *, engi
         from .general import ServiceLaw
 
         service = ServiceLaw.of(service)
+        if service.samples is not None:  # an empirical law's samples are data: no compile per trace
+            fn = _program(engine, spec, policy, dt, None, record_times, devices, keys.shape[0], law_as_data=True)
+            return fn(pad_keys(keys, len(devices)), params, service.arrays())
     fn = _program(engine, spec, policy, dt, service, record_times, devices, keys.shape[0])
     return fn(pad_keys(keys, len(devices)), params)

@@ -2,8 +2,8 @@
 
 The exact engine (:mod:`jaxq.sim.exact`) simulates the CTMC of MODEL.md §2, where every phase is
 exponential. Here the prompt length P and output length D of each job follow a :class:`ServiceLaw`
-(exponential, deterministic or lognormal, with the scenario's means P_i and D_i), and the engine keeps
-each job's remaining work:
+(exponential, deterministic or lognormal, with the scenario's means P_i and D_i, or empirical: each
+class's own samples, from a trace), and the engine keeps each job's remaining work:
 
 * a running prefill's, per GPU, shape (n,);
 * each decode stream's, and its class, per GPU and slot, shape (n, max_batch) (class -1: empty slot).
@@ -31,8 +31,8 @@ engine's CTMC in distribution (tested in tests/sim/test_general.py).
 
 Lengths are drawn when the phase starts: the k-th prefill admission of class i takes the prompt length
 from one uniform of ``fold_in(length_key, 0, i, k)``, the k-th decode start of class i the output
-length from ``fold_in(length_key, 1, i, k)`` (inverted: exponential, or lognormal via the normal
-quantile). These keys are independent of everything that decides k, so the lengths are i.i.d. per
+length from ``fold_in(length_key, 1, i, k)`` (inverted: exponential, lognormal via the normal
+quantile, empirical through the class's sorted samples: samples[floor(u x count_i)]). These keys are independent of everything that decides k, so the lengths are i.i.d. per
 class; two policies on one key see the same sequence of lengths per class. Completions that coincide
 (deterministic lengths) are applied one per step at the same instant.
 
@@ -50,11 +50,13 @@ engine's O(n) passes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, Key
 
 from .core import ABANDON_BUFFER, ABANDON_QUEUE, DECODE, PREFILL, AbstractCluster, Event, weighted_index
@@ -62,20 +64,103 @@ from .exact import AbstractGpuArrays, GpuArrays, PerGpu
 from .state import ADMITTED, CAPACITY_VIOLATED, DECODE_STARTED, SimParams, SimSpec, runs_slow
 
 _I32 = jnp.int32
-LAWS = ("exponential", "deterministic", "lognormal")
+LAWS = ("exponential", "deterministic", "lognormal", "empirical")
+EMPIRICAL = LAWS.index("empirical")
 PROMPT, OUTPUT = 0, 1  # length streams
+# rounding tolerance between an empirical law's sample means and the scenario's P_i, D_i (relative)
+MEAN_RTOL = 1e-3
+
+
+def _pad_width(k: int) -> int:
+    """Samples per row as stored: the next power of two (at least 8), so traces of similar sizes share
+    one compiled program when the law is passed as data."""
+    return max(8, 1 << (int(k) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmpiricalSamples:
+    """Sorted length samples (tokens) per phase and class, as :meth:`ServiceLaw.empirical` builds them:
+    ``values`` (2, I, K) float64, row (phase, i) holding ``count[phase, i]`` sorted samples then padding
+    (the row's largest sample; never read); ``count`` (2, I), 0 for a phase without samples. Compared
+    and hashed by content (a digest), so laws with equal samples share one compiled program."""
+
+    values: np.ndarray
+    count: np.ndarray
+    digest: str
+
+    @classmethod
+    def of(cls, prompt, output) -> EmpiricalSamples:
+        """From per-class sample lists (``prompt``/``output``: a sequence of 1-D arrays, one per class, or
+        None for a phase without samples). Samples must be finite and >= 0 with a positive mean."""
+        rows = {}
+        num = None
+        for phase, name, per_class in ((PROMPT, "prompt_samples", prompt), (OUTPUT, "output_samples", output)):
+            if per_class is None:
+                continue
+            if isinstance(per_class, (str, bytes)) or not hasattr(per_class, "__len__") or len(per_class) == 0:
+                raise ValueError(f"invalid ServiceLaw field '{name}': must be a list of 1-D arrays of lengths, "
+                                 f"one per class, got {per_class!r:.80}")
+            if num is not None and len(per_class) != num:
+                raise ValueError(f"invalid ServiceLaw field '{name}': must have one array per class, as many as "
+                                 f"prompt_samples ({num}), got {len(per_class)}")
+            num = len(per_class)
+            out = []
+            for i, x in enumerate(per_class):
+                try:
+                    a = np.asarray(x, dtype=np.float64)
+                except (TypeError, ValueError):
+                    a = None
+                if a is None or a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a < 0) \
+                        or not a.mean() > 0:
+                    raise ValueError(f"invalid ServiceLaw field '{name}[{i}]': must be a non-empty 1-D array of "
+                                     f"finite lengths >= 0 with a positive mean, got {x!r:.80}")
+                out.append(np.sort(a))
+            rows[phase] = out
+        if not rows:
+            raise ValueError("invalid ServiceLaw field 'prompt_samples': an empirical law needs prompt_samples, "
+                             "output_samples or both")
+        width = _pad_width(max(len(a) for r in rows.values() for a in r))
+        values = np.zeros((2, num, width))
+        count = np.zeros((2, num), np.int32)
+        for phase, r in rows.items():
+            for i, a in enumerate(r):
+                values[phase, i, :] = a[-1]
+                values[phase, i, :len(a)] = a
+                count[phase, i] = len(a)
+        values.setflags(write=False)
+        count.setflags(write=False)
+        digest = hashlib.sha256(values.tobytes() + count.tobytes() + str(values.shape).encode()).hexdigest()
+        return cls(values=values, count=count, digest=digest)
+
+    def has(self, phase: int) -> bool:
+        return bool(np.all(self.count[phase] > 0))
+
+    def means(self) -> np.ndarray:
+        """(2, I): each row's sample mean (NaN for a phase without samples)."""
+        total = np.where(np.arange(self.values.shape[2]) < self.count[..., None], self.values, 0.0).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, total / np.maximum(self.count, 1), np.nan)
+
+    def __eq__(self, other):
+        return isinstance(other, EmpiricalSamples) and self.digest == other.digest
+
+    def __hash__(self):
+        return hash(self.digest)
 
 
 @dataclasses.dataclass(frozen=True)
 class ServiceLaw:
     """Laws of the prompt length P and the output length D of a job of class i, each with the scenario's
     mean (P_i, D_i): "exponential" (the paper's model, MODEL.md §1.3), "deterministic" (always the
-    mean), or "lognormal" with coefficient of variation ``cv`` (std / mean; used only by lognormal
-    phases). Hashable: the api compiles one program per law; :meth:`arrays` passes it as data instead."""
+    mean), "lognormal" with coefficient of variation ``cv`` (std / mean; used only by lognormal
+    phases), or "empirical": the class's own samples (``samples``; build it with :meth:`empirical`),
+    which then define the mean (the scenario's P_i, D_i must agree, :meth:`check_means`). Hashable:
+    the api compiles one program per law; :meth:`arrays` passes it as data instead."""
 
     prompt: str = "exponential"
     output: str = "exponential"
     cv: float = 1.0
+    samples: EmpiricalSamples | None = None
 
     def __post_init__(self):
         for name in ("prompt", "output"):
@@ -87,6 +172,71 @@ class ServiceLaw:
             raise ValueError(f"invalid ServiceLaw field 'cv': must be a finite number > 0, got {cv!r}")
         # cv only shapes lognormal phases: normalised otherwise, so equal behaviour means equal laws
         object.__setattr__(self, "cv", float(cv) if "lognormal" in (self.prompt, self.output) else 1.0)
+        if self.samples is not None and not isinstance(self.samples, EmpiricalSamples):
+            raise ValueError(f"invalid ServiceLaw field 'samples': must be EmpiricalSamples or None (build an "
+                             f"empirical law with ServiceLaw.empirical), got {type(self.samples).__name__}")
+        for phase, name in ((PROMPT, "prompt"), (OUTPUT, "output")):
+            empirical = getattr(self, name) == "empirical"
+            if empirical and (self.samples is None or not self.samples.has(phase)):
+                raise ValueError(f"invalid ServiceLaw field '{name}': the 'empirical' law needs samples for every "
+                                 f"class (ServiceLaw.empirical({name}_samples=...))")
+            if not empirical and self.samples is not None and np.any(self.samples.count[phase] > 0):
+                raise ValueError(f"invalid ServiceLaw field 'samples': {name} samples given but the {name} law "
+                                 f"is {getattr(self, name)!r}, not 'empirical'")
+
+    @classmethod
+    def empirical(cls, prompt_samples=None, output_samples=None, *, other: str = "exponential",
+                  cv: float = 1.0) -> ServiceLaw:
+        """Lengths drawn from per-class samples (tokens, e.g. a trace's): ``prompt_samples`` and
+        ``output_samples`` are lists with one 1-D array per class (any sizes: they are sorted and padded).
+        A phase given None follows the law ``other`` (with ``cv``) instead. A length is
+        samples_i[floor(u x count_i)] for one uniform u (the empirical quantile): the class's
+        empirical distribution, so its mean is the sample mean."""
+        samples = EmpiricalSamples.of(prompt_samples, output_samples)
+        return cls(prompt="empirical" if prompt_samples is not None else other,
+                   output="empirical" if output_samples is not None else other, cv=cv, samples=samples)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes the samples are for (None without samples: a law for any number of classes)."""
+        return None if self.samples is None else int(self.samples.count.shape[1])
+
+    def means(self):
+        """(prompt, output) per-class sample means of the empirical phases (None for the others)."""
+        if self.samples is None:
+            return None, None
+        m = self.samples.means()
+        return (m[PROMPT] if self.prompt == "empirical" else None, m[OUTPUT] if self.output == "empirical" else None)
+
+    def check_means(self, P, D, rtol: float = MEAN_RTOL) -> None:
+        """Raise ValueError unless the samples are for len(P) classes and their means agree with the
+        scenario's P_i, D_i (``classes.P``, ``classes.D``) to ``rtol``: the LP, the static plan and the
+        revenue use those means, the engine the samples. :meth:`with_means` sets them."""
+        if self.samples is None:
+            return
+        if self.num_classes != len(P):
+            raise ValueError(f"invalid field 'service': the empirical samples are for {self.num_classes} classes, "
+                             f"the scenario has {len(P)}")
+        for field, want, got in (("classes.P", P, self.means()[0]), ("classes.D", D, self.means()[1])):
+            if got is None:
+                continue
+            want = np.asarray(want, np.float64)
+            bad = np.abs(got - want) > rtol * np.abs(got)
+            if np.any(bad):
+                i = int(np.argmax(bad))
+                raise ValueError(f"invalid scenario field '{field}': must equal the empirical samples' mean within "
+                                 f"{rtol:g} (relative), got {field}[{i}] = {want[i]:g} against the sample mean "
+                                 f"{got[i]:.6g}; use ServiceLaw.with_means(scenario)")
+
+    def with_means(self, scenario):
+        """``scenario`` with classes.P and classes.D set to the sample means of the empirical phases."""
+        p, d = self.means()
+        changes = {}
+        if p is not None:
+            changes["classes.P"] = p
+        if d is not None:
+            changes["classes.D"] = d
+        return scenario.replace(**changes) if changes else scenario
 
     @classmethod
     def of(cls, law: ServiceLaw | str | None, cv: float | None = None) -> ServiceLaw:
@@ -96,11 +246,15 @@ class ServiceLaw:
         if isinstance(law, ServiceLaw):
             return law if cv is None else dataclasses.replace(law, cv=cv)
         if isinstance(law, str):
-            if law not in LAWS:
-                raise ValueError(f"invalid field 'service': must be a ServiceLaw or one of {', '.join(LAWS)}, "
-                                 f"got {law!r}")
+            if law not in LAWS or law == "empirical":
+                if law == "empirical":
+                    raise ValueError("invalid field 'service': the 'empirical' law needs samples: build it with "
+                                     "ServiceLaw.empirical(prompt_samples, output_samples)")
+                raise ValueError(f"invalid field 'service': must be a ServiceLaw or one of "
+                                 f"{', '.join(LAWS[:EMPIRICAL])}, got {law!r}")
             return cls(law, law, 1.0 if cv is None else cv)
-        raise ValueError(f"invalid field 'service': must be a ServiceLaw or one of {', '.join(LAWS)}, got {law!r}")
+        raise ValueError(f"invalid field 'service': must be a ServiceLaw or one of {', '.join(LAWS[:EMPIRICAL])}, "
+                         f"got {law!r}")
 
     @property
     def is_exponential(self) -> bool:
@@ -110,34 +264,56 @@ class ServiceLaw:
         parts = []
         for kind in dict.fromkeys((self.prompt, self.output)):
             parts.append(f"lognormal(cv={self.cv:g})" if kind == "lognormal" else kind)
+        if self.samples is not None and self.prompt == self.output:
+            return f"empirical ({int(self.samples.count.max())} samples at most per class)"
         if self.prompt == self.output:
             return parts[0]
         return f"prompt {parts[0]}, output {parts[-1]}"
 
     def arrays(self) -> LawArrays:
-        """The law as arrays, to pass it to jitted code as data (one compile for every law)."""
+        """The law as arrays, to pass it to jitted code as data (one compile for every law; an empirical
+        law's samples are arrays too, one compile per padded sample count)."""
+        extra = {}
+        if self.samples is not None:
+            extra = {"samples": jnp.asarray(self.samples.values, jnp.float64),
+                     "count": jnp.asarray(self.samples.count, _I32)}
         return LawArrays(kind=jnp.asarray([LAWS.index(self.prompt), LAWS.index(self.output)], _I32),
-                         cv=jnp.asarray(self.cv, jnp.float64))
+                         cv=jnp.asarray(self.cv, jnp.float64), **extra)
 
 
 class LawArrays(eqx.Module):
-    """A :class:`ServiceLaw` as arrays: ``kind`` (prompt, output) indexes LAWS; ``cv`` as there. Stack
-    several with ``jax.tree_util.tree_map(jnp.stack, ...)`` to ``vmap`` over laws."""
+    """A :class:`ServiceLaw` as arrays: ``kind`` (prompt, output) indexes LAWS; ``cv`` as there;
+    ``samples`` and ``count`` the empirical law's sorted samples per (phase, class) and how many of each
+    row are real (None for the parametric laws: their pytree has no such leaves). Stack several with
+    ``jax.tree_util.tree_map(jnp.stack, ...)`` to ``vmap`` over laws."""
 
     kind: Int[Array, " 2"]
     cv: Float[Array, ""]
+    samples: Float[Array, "2 I K"] | None = None
+    count: Int[Array, "2 I"] | None = None
 
 
-def draw_length(key, kind, mean, cv):
+def empirical_quantile(u, samples, count):
+    """The empirical quantile of the first ``count`` entries of sorted ``samples`` (K,) at ``u`` in [0, 1):
+    samples[floor(u x count)], so each sample is drawn with probability 1/count."""
+    index = jnp.floor(u * count.astype(jnp.float64)).astype(_I32)
+    return samples[jnp.clip(index, 0, jnp.maximum(count, 1) - 1)]
+
+
+def draw_length(key, kind, mean, cv, samples=None, count=None):
     """One length with mean ``mean`` (float64) of law ``kind`` (a name in LAWS or its index, possibly
-    traced), from one uniform: exponential by inversion, lognormal through the normal quantile. Consumes
-    ``key``."""
+    traced), from one uniform: exponential by inversion, lognormal through the normal quantile,
+    empirical through ``samples``/``count`` (one row: :func:`empirical_quantile`; ``mean`` unused).
+    Consumes ``key``."""
     kind = LAWS.index(kind) if isinstance(kind, str) else kind
     u = jax.random.uniform(key, dtype=jnp.float64)
     s2 = jnp.log1p(jnp.square(jnp.asarray(cv, jnp.float64)))  # lognormal with E = 1, std = cv
     lognormal = jnp.exp(jnp.sqrt(s2) * jax.scipy.special.ndtri(u) - 0.5 * s2)
     unit = jnp.where(kind == 0, -jnp.log1p(-u), jnp.where(kind == 1, 1.0, lognormal))
-    return jnp.asarray(mean, jnp.float64) * unit
+    length = jnp.asarray(mean, jnp.float64) * unit
+    if samples is None:
+        return length
+    return jnp.where(kind == EMPIRICAL, empirical_quantile(u, samples, count), length)
 
 
 def phase_speeds(model):
@@ -224,9 +400,12 @@ class PerJob(AbstractCluster):
 
     def _draw(self, state, phase: int, c, index):
         kind = self.law.kind[phase]
-        mean = self.means[phase, jnp.maximum(c, 0)]
-        key = jax.random.fold_in(state.gpus.length_keys[phase, jnp.maximum(c, 0)], index)
-        return draw_length(key, kind, mean, self.law.cv)
+        c = jnp.maximum(c, 0)
+        mean = self.means[phase, c]
+        key = jax.random.fold_in(state.gpus.length_keys[phase, c], index)
+        if self.law.samples is None:
+            return draw_length(key, kind, mean, self.law.cv)
+        return draw_length(key, kind, mean, self.law.cv, self.law.samples[phase, c], self.law.count[phase, c])
 
     def _decode_speed(self, state, g):
         jobs = state.gpus
