@@ -131,19 +131,24 @@ def run(args) -> int:
 
 def _with_estimate(scenario, args, kw):
     """The progress line of a long run. One batched call cannot report as it goes, so the run's length is
-    estimated first: a short call compiles the program (the run reuses it: the horizon is data), then
+    estimated first: a short call compiles the program (the run reuses it: the horizon is data) and
+    checks every setting, then
     pilots of PILOT_FRACTION / 2 and PILOT_FRACTION of the horizon are timed. Both start from an empty
     cluster, whose first seconds are cheap, so the run is extrapolated from the difference between them
     (the cost of simulated time once the cluster has filled), never below the plain scaling of the
     longer pilot. Neither call changes the run's numbers (they are separate calls)."""
-    status = ProgressLine(lambda e: f"simulate: compiling and timing two short pilot runs | elapsed {clock(e)}")
+    h = args.horizon
+    # the compiling call first, silent: an invalid setting fails here with its one-line error, and
+    # nothing is drawn on stderr before it
+    run_simulation(scenario, args.policy, horizon=1e-3 * h, warmup=0.0, **kw)
+    status = ProgressLine(lambda e: f"simulate: timing two short pilot runs | elapsed {clock(e)}")
     try:
-        h, walls = args.horizon, []
-        for frac in (1e-3, PILOT_FRACTION / 2, PILOT_FRACTION):
+        walls = []
+        for frac in (PILOT_FRACTION / 2, PILOT_FRACTION):
             t = time.perf_counter()
             run_simulation(scenario, args.policy, horizon=frac * h, warmup=0.0, **kw)
             walls.append(time.perf_counter() - t)
-        _, w1, w2 = walls
+        w1, w2 = walls
         total = max(w2 / PILOT_FRACTION, w2 + (1.0 - PILOT_FRACTION) * (w2 - w1) / (PILOT_FRACTION / 2))
     finally:
         status.close()
