@@ -173,7 +173,7 @@ def _check_step(scenario: Scenario, dt: float) -> None:
 def scenario_dict(s: Scenario) -> dict:
     """Every number of a scenario, JSON-ready (floats keep their exact repr)."""
     c = s.classes
-    return {
+    out = {
         "name": s.name, "version": s.version,
         "classes": {"names": list(c.names), "P": c.P.tolist(), "D": c.D.tolist(), "lam": c.lam.tolist(),
                     "theta": c.theta.tolist()},
@@ -181,6 +181,11 @@ def scenario_dict(s: Scenario) -> dict:
         "timing": {"alpha": s.timing.alpha, "beta": s.timing.beta, "gamma": s.timing.gamma},
         "prices": {"c_p": s.pricing.c_p, "c_d": s.pricing.c_d, "scheme": s.pricing.scheme},
     }
+    arrivals = getattr(s, "arrivals", None)
+    if arrivals is not None:  # only when present: the points of constant-rate grids keep their hashes
+        out["arrivals"] = {"breakpoints": np.asarray(arrivals.breakpoints, float).tolist(),
+                           "factors": np.asarray(arrivals.factors, float).tolist()}
+    return out
 
 
 def _digest(obj, chars: int = 16) -> str:

@@ -4,6 +4,7 @@ resumption and device count, outputs that never look complete early, the CLI.
 Tiny on purpose (n = 5, horizon 20 s, 3 replicas, room fixed so every grid here shares its shape group):
 the compiled simulators are cached across tests, and the whole file makes three compiles."""
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -332,3 +333,19 @@ def test_two_processes_with_jax_distributed(tmp_path):
     _, rows_multi = read_csv(tmp_path / "multi" / CSV_NAME)
     assert no_wall(rows_multi) == no_wall(single.rows)
     assert json.loads((tmp_path / "multi" / MANIFEST_NAME).read_text())["devices"]["process_count"] == 2
+
+
+def test_an_arrival_schedule_is_part_of_a_point_and_its_hash():
+    """A scenario's rate schedule is in the point's configuration, so a changed schedule is a new point
+    (a resumed sweep never reuses results of another schedule); a constant-rate point's hash is as before."""
+    from jaxq.model import ArrivalSchedule
+    from jaxq.sweep.grid import Point, scenario_dict
+
+    base = jaxq.load_scenario("canonical")
+    assert "arrivals" not in scenario_dict(base)
+    a = dataclasses.replace(base, arrivals=ArrivalSchedule([0.0, 100.0], [1.0, 2.0]))
+    b = dataclasses.replace(base, arrivals=ArrivalSchedule([0.0, 100.0], [1.0, 1.5]))
+    assert scenario_dict(a)["arrivals"] == {"breakpoints": [0.0, 100.0], "factors": [[1.0, 2.0], [1.0, 2.0]]}
+    settings = {"n": 4, "seed": 0}
+    hashes = {Point(0, {}, s, settings).hash for s in (base, a, b)}
+    assert len(hashes) == 3
