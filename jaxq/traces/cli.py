@@ -1,5 +1,6 @@
-"""`jaxq trace summary FILE` and `jaxq trace fit FILE`: read an LLM request trace, summarise and plot it,
-fit the model's job classes to it and write a scenario file (docs/traces.md).
+"""`jaxq trace summary FILE`, `jaxq trace fit FILE` and `jaxq trace simulate FILE`: read an LLM request
+trace, summarise and plot it, fit the model's job classes to it and write a scenario file, and simulate
+the trace's own rates and lengths beside the fitted model (docs/traces.md).
 
 Only argparse is imported here; the reader, the statistics and (for ``fit``) the scenario and LP modules
 are imported when a subcommand runs."""
@@ -35,18 +36,47 @@ def add_arguments(parser):
                         "bundled LP serves all of it (the fluid capacity, no headroom)")
     f.add_argument("--out", metavar="FILE.toml",
                    help="scenario file to write (default: results/trace-<file stem>/scenario-k<K>.toml)")
-    f.add_argument("--calibration", default=DEFAULT_CALIBRATION, metavar="SCENARIO|FILE.csv",
+    _add_fit_options(f)
+    f.set_defaults(_action=run_fit)
+
+    m = sub.add_parser("simulate", help="the trace's rates and lengths through the general engine, beside the "
+                                        "fitted Markov model",
+                       description="fit classes as `fit` does, then simulate the trace-driven scenario (per-class "
+                                   "rate schedule from the trace's counts per bin, each class's own empirical "
+                                   "lengths) and the fitted Markov model (constant rates, exponential lengths) "
+                                   "on the same keys, and print their metrics, gaps and the LP's R*")
+    m.add_argument("file", help="trace CSV (as for `jaxq trace summary`)")
+    m.add_argument("--classes", required=True, metavar="K|auto|labels", help="as for `jaxq trace fit`")
+    m.add_argument("--n", required=True, metavar="N|auto", help="as for `jaxq trace fit`")
+    m.add_argument("--policy", default="gg-sp", metavar="NAME|all",
+                   help="a built-in policy, or 'all' for every built-in (default gg-sp)")
+    m.add_argument("--replicas", type=int, default=None, metavar="R", help="replicas per model (default 64)")
+    m.add_argument("--horizon", type=float, default=None, metavar="SECONDS",
+                   help="simulated time (default: the trace's duration)")
+    m.add_argument("--warmup", type=float, default=None, metavar="SECONDS",
+                   help="left out of the metrics (default: 10%% of the horizon; the engine starts empty)")
+    m.add_argument("--bin", type=float, default=None, metavar="SECONDS",
+                   help="width of the rate schedule's pieces (default 300 s)")
+    m.add_argument("--seed", type=int, default=0, help="replica keys' seed, the same for both models (default 0)")
+    m.add_argument("--out", metavar="DIR", help="folder for the CSV and the scenario (default: "
+                                                 "results/trace-<file stem>/simulate/)")
+    _add_fit_options(m)
+    m.set_defaults(_action=run_simulate)
+
+
+def _add_fit_options(p):
+    """The options `fit` and `simulate` share: what the trace does not say."""
+    p.add_argument("--calibration", default=DEFAULT_CALIBRATION, metavar="SCENARIO|FILE.csv",
                    help="timing law (alpha, beta, gamma): a scenario's (name or .toml path), or fitted from a "
                         f"measurement CSV as `jaxq calibrate` does (default: {DEFAULT_CALIBRATION})")
-    f.add_argument("--B", type=int, default=16, help="concurrent slots per GPU (default 16)")
-    f.add_argument("--C", type=int, default=256, help="prefill chunk, tokens per iteration (default 256)")
-    f.add_argument("--patience", type=float, default=0.1, metavar="THETA",
+    p.add_argument("--B", type=int, default=16, help="concurrent slots per GPU (default 16)")
+    p.add_argument("--C", type=int, default=256, help="prefill chunk, tokens per iteration (default 256)")
+    p.add_argument("--patience", type=float, default=0.1, metavar="THETA",
                    help="patience rate of every class, 1/s (default 0.1); the trace records no abandonment")
-    f.add_argument("--prices", metavar="C_P,C_D", help=f"prices per prefill and decode token (default: those of "
+    p.add_argument("--prices", metavar="C_P,C_D", help=f"prices per prefill and decode token (default: those of "
                                                           f"{PRICE_SCENARIO})")
-    f.add_argument("--name", help="scenario name (default: trace-<file stem>)")
-    f.add_argument("--drop-bad", action="store_true", help="drop and count bad rows instead of stopping at the first")
-    f.set_defaults(_action=run_fit)
+    p.add_argument("--name", help="scenario name (default: trace-<file stem>)")
+    p.add_argument("--drop-bad", action="store_true", help="drop and count bad rows instead of stopping at the first")
 
 
 def run(args) -> int:
@@ -130,14 +160,18 @@ def _prices(text: str | None):
     return c_p, c_d, default.scheme, "given"
 
 
-def run_fit(args) -> int:
+def _fit(args, check=None):
+    """(trace, fit, choices, n, timing law, its source, price source) of `fit`'s options; ``check`` runs
+    after the options are parsed and before the trace is read."""
     import dataclasses
 
-    from .fit import ScenarioChoices, fit_trace, smallest_n, write_scenario
+    from .fit import ScenarioChoices, fit_trace, smallest_n
 
     classes, n = _parse_classes(args.classes), _parse_n(args.n)
     if not args.patience >= 0:
         raise ValueError(f"--patience: must be a rate >= 0 (1/s), got {args.patience!r}")
+    if check is not None:
+        check()
     law, timing_source = _timing(args.calibration)
     c_p, c_d, scheme, price_source = _prices(args.prices)
     trace = _read(args)
@@ -151,6 +185,14 @@ def run_fit(args) -> int:
                                                            "the whole load")
     else:
         choices = dataclasses.replace(choices, n=n)
+    return trace, fit, choices, n, law, timing_source, price_source
+
+
+def run_fit(args) -> int:
+    from .fit import write_scenario
+
+    trace, fit, choices, n, law, timing_source, price_source = _fit(args)
+    c_p, c_d, scheme = choices.c_p, choices.c_d, choices.scheme
     print(f"trace {Path(trace.source).name}: {trace.num_requests:,} requests over {trace.duration_s:,.1f} s "
           f"({trace.num_requests / trace.duration_s:.4g} requests/s)")
     if fit.selection is not None:
@@ -181,3 +223,57 @@ def _lp_line(scenario, n: int, n_source: str) -> str:
     return (f"bundled LP at n = {n} ({n_source}): serves "
             + ", ".join(f"{nm} {100 * s:.1f}%" for nm, s in zip(scenario.classes.names, served))
             + f" of the arrivals; prefill occupancy sum x = {sol.x.sum():.3f} of 1")
+
+
+def run_simulate(args) -> int:
+    import time
+
+    from . import simulate as ts
+    from .fit import write_scenario
+
+    replicas = ts.DEFAULT_REPLICAS if args.replicas is None else args.replicas
+    bin_s = ts.DEFAULT_BIN_S if args.bin is None else args.bin
+
+    def check():
+        from ..policies import POLICIES
+
+        if args.policy != "all" and args.policy not in POLICIES:
+            raise ValueError(f"--policy: must be one of {', '.join(POLICIES)} or 'all', got {args.policy!r}")
+        if replicas < 2:
+            raise ValueError(f"--replicas: must be an integer >= 2 (a standard error needs two), got {replicas}")
+        for name, v in (("--horizon", args.horizon), ("--bin", bin_s)):
+            if v is not None and not (v > 0 and v < float("inf")):
+                raise ValueError(f"{name}: must be a number of seconds > 0, got {v!r}")
+
+    trace, fit, choices, n, law, timing_source, price_source = _fit(args, check)
+    horizon = trace.duration_s if args.horizon is None else args.horizon
+    warmup = ts.WARMUP_FRACTION * horizon if args.warmup is None else args.warmup
+    if not 0 <= warmup < horizon:
+        raise ValueError(f"--warmup: must be in [0, horizon = {horizon:g}) s, got {warmup!r}")
+    out = Path(args.out) if args.out else _default_dir(args.file) / "simulate"
+    scenario = write_scenario(out / f"scenario-k{fit.num_classes}.toml", fit, choices, name=args.name)
+    print(f"trace {Path(trace.source).name}: {trace.num_requests:,} requests over {trace.duration_s:,.1f} s; "
+          f"classes: {fit.describe_method()}")
+    print(fit.format_table(n))
+    print(f"trace-driven: the fitted scenario with a rate schedule of {bin_s:g} s pieces (class i's factor = "
+          f"its count in the bin / (n lam_i x bin length)) and each class's own empirical prompt and output "
+          f"lengths (drawn independently); Markov model: the fitted scenario (constant rates, exponential "
+          f"lengths). Both: general engine, n = {n}, {replicas} replicas on the same keys (seed {args.seed}), "
+          f"horizon {horizon:g} s, warm-up {warmup:g} s left out; timing {timing_source}, patience "
+          f"{choices.patience:g} /s assumed")
+    from ..policies import POLICIES
+
+    policies = list(POLICIES) if args.policy == "all" else [args.policy]
+    comparisons = []
+    for policy in policies:
+        start = time.perf_counter()
+        c = ts.compare(trace, fit, scenario, policy, replicas=replicas,
+                       horizon=horizon, warmup=warmup, bin_s=bin_s, seed=args.seed)
+        comparisons.append(c)
+        print()
+        print(c.format())
+        print(f"  (mean ± 95% CI over replicas; gap: Markov model - trace-driven, ± 95% CI from the two SEs as "
+              f"independent samples, z = gap / SE; {time.perf_counter() - start:.0f} s)")
+    path = ts.write_csv(out / "simulate.csv", comparisons)
+    print(f"\nwrote {path} and {out / f'scenario-k{fit.num_classes}.toml'} (the fitted scenario, {scenario.name!r})")
+    return 0
