@@ -54,9 +54,14 @@ def run(args) -> int:
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None:
         import jax
 
-        # before anything touches a device: every process then sees the devices of all of them
+        # before anything touches a device: every process then sees the devices of all of them.
+        # All three flags given: no cluster detection, which inside a SLURM or MPI job would also keep
+        # one local device per process (the task's local id) and leave a one-task-per-host job's other
+        # GPUs idle; JAX_LOCAL_DEVICE_IDS still picks devices explicitly.
+        explicit = None not in (args.coordinator, args.num_processes, args.process_id)
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id,
+                                   cluster_detection_method="deactivate" if explicit else None)
     grid = load_grid(args.file)
     out = Path(args.out) if args.out else Path("sweeps") / Path(args.file).stem
     t0 = time.perf_counter()
