@@ -134,7 +134,7 @@ def _version(module: str):
 
 def _git_commit():
     """HEAD's commit read from .git (no git process), or None outside a checkout."""
-    root = Path(__file__).resolve().parents[1] / ".git"
+    root = Path(__file__).resolve().parents[2] / ".git"  # jaxq/benchmarks/bench.py -> <repo>/.git
     try:
         if root.is_file():  # a worktree: "gitdir: PATH"
             root = Path(root.read_text().split(":", 1)[1].strip())
@@ -742,7 +742,7 @@ def output_path(record, out) -> Path:
 
 
 def default_out() -> Path:
-    repo = Path(__file__).resolve().parents[1] / "benchmarks"
+    repo = Path(__file__).resolve().parents[2] / "benchmarks"  # jaxq/benchmarks/bench.py -> <repo>/benchmarks
     return (repo if repo.is_dir() else Path.cwd() / "benchmarks") / "results"
 
 
