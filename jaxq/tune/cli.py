@@ -4,10 +4,12 @@ print them next to the LP's, and plot the optimisation path (docs/tuning.md)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from .._progress import ProgressLine, clock
 from ..model.config import load_scenario
 from .objectives import DEFAULT_WEIGHT, OBJECTIVES, PENALTIES
 from .optimize import (
@@ -41,6 +43,33 @@ def add_arguments(parser):
     parser.add_argument("--convention", choices=("A", "B"), default="B",
                         help="mixed-group decode rate convention of the fluid model (default B, the paper's)")
     parser.add_argument("--out", default=".", help="directory for the PNG and JSON of the path (default .)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+
+
+class _Progress:
+    """`tune step k/N | value | elapsed | left` on stderr, started at the first evaluation (so that a
+    setting refused before any work leaves stderr to its one-line error); the time left is the mean
+    step time so far (the first step includes compiling, so the estimate falls as it runs)."""
+
+    def __init__(self, steps: int, enabled: bool = True):
+        self.steps, self.enabled, self.k, self.value, self.line = steps, enabled, -1, float("nan"), None
+
+    def step(self, k, info):
+        self.k, self.value = k, float(info.value)
+        if self.line is None and self.enabled:
+            self.line = ProgressLine(self.text, stream=sys.stderr)
+        elif self.line is not None:
+            self.line.draw()
+
+    def text(self, elapsed: float) -> str:
+        done = self.k + 1  # evaluations 0..steps
+        left = elapsed / done * (self.steps + 1 - done) if done > 0 else float("nan")
+        return (f"tune step {self.k}/{self.steps} | value {self.value:.6g} | elapsed {clock(elapsed)} | "
+                f"left {clock(left)}")
+
+    def close(self):
+        if self.line is not None:
+            self.line.close()
 
 
 def run(args) -> int:
@@ -51,8 +80,12 @@ def run(args) -> int:
         if not ok:
             raise ValueError(f"invalid tune field '{name}': must be {allowed}, got {value!r}")
     scenario = load_scenario(args.scenario)
-    result = tune(scenario, args.objective, args.weight, kind=args.policy, convention=args.convention,
-                  steps=args.steps, learning_rate=args.lr, perturb=args.perturb)
+    progress = _Progress(args.steps, enabled=not args.quiet)
+    try:
+        result = tune(scenario, args.objective, args.weight, kind=args.policy, convention=args.convention,
+                      steps=args.steps, learning_rate=args.lr, perturb=args.perturb, callback=progress.step)
+    finally:
+        progress.close()
     print_result(result, scenario)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -184,8 +184,10 @@ def test_cli_writes_png(tmp_path, capsys):
     rc = main(["tune", "canonical", "--objective", "prefill-fairness", "--weight", "100", "--steps", "4",
                "--out", str(tmp_path)])
     assert rc == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "x_target[code]" in out and "LP optimum" in out and "rel. diff" in out
+    assert "\rtune step 4/4 | value " in captured.err and "left 0:00" in captured.err  # the progress line
     png = tmp_path / "tune-canonical-prefill-fairness.png"
     assert png.exists() and png.stat().st_size > 10_000
     data = json.loads((tmp_path / "tune-canonical-prefill-fairness.json").read_text())
