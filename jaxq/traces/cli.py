@@ -109,28 +109,26 @@ def run_summary(args) -> int:
     return 0
 
 
-def _parse_classes(text: str):
-    if text in ("auto", "labels"):
+def _int_or(text: str, field: str, words: tuple[str, ...]):
+    """An integer >= 1 or one of ``words``, from option ``field``'s text."""
+    if text in words:
         return text
+    allowed = "an integer >= 1" + "".join(f" or '{w}'" for w in words)
     try:
         k = int(text)
     except ValueError:
-        raise ValueError(f"--classes: must be an integer >= 1, 'auto' or 'labels', got {text!r}") from None
+        raise ValueError(f"{field}: must be {allowed}, got {text!r}") from None
     if k < 1:
-        raise ValueError(f"--classes: must be an integer >= 1, 'auto' or 'labels', got {text!r}")
+        raise ValueError(f"{field}: must be {allowed}, got {text!r}")
     return k
 
 
+def _parse_classes(text: str):
+    return _int_or(text, "--classes", ("auto", "labels"))
+
+
 def _parse_n(text: str):
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"--n: must be an integer >= 1 or 'auto', got {text!r}") from None
-    if n < 1:
-        raise ValueError(f"--n: must be an integer >= 1 or 'auto', got {text!r}")
-    return n
+    return _int_or(text, "--n", ("auto",))
 
 
 def _timing(spec: str):
