@@ -14,8 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# commands that take minutes (tuning for 150 steps, a sweep): checked with --run-slow
-SLOW = ("jaxq tune", "jaxq sweep")
+# commands that take minutes (tuning for 150 steps, a sweep, an hour of trace through 64 replicas): checked
+# with --run-slow
+SLOW = ("jaxq tune", "jaxq sweep", "jaxq trace simulate")
 
 
 def console_blocks():
