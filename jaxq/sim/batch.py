@@ -144,23 +144,15 @@ def _program(engine: str, spec: SimSpec, policy: Policy, dt, service, record_tim
     the program (one op per leaf outside it would be one more dispatch each). ``law_as_data``: the
     program takes the general engine's law as a third argument (LawArrays) instead of compiling it in."""
     single = runner(engine, spec, policy, dt=dt, service=service)
-    if law_as_data:
-        def local_law(keys, params, law):
-            return jax.vmap(lambda k: single(k, params, record_times, law))(keys)
+    law_spec = (P(),) if law_as_data else ()  # the law, when passed: replicated like params
 
-        sharded_law = shard(local_law, devices, (P(AXIS), P(), P()), P(AXIS))
-        if padded(replicas, len(devices)) == replicas:
-            return sharded_law
-        return jax.jit(lambda keys, params, law: jax.tree_util.tree_map(lambda x: x[:replicas],
-                                                                        sharded_law(keys, params, law)))
+    def local(keys, params, *law):
+        return jax.vmap(lambda k: single(k, params, record_times, *law))(keys)
 
-    def local(keys, params):
-        return jax.vmap(lambda k: single(k, params, record_times))(keys)
-
-    sharded = shard(local, devices, (P(AXIS), P()), P(AXIS))
+    sharded = shard(local, devices, (P(AXIS), P(), *law_spec), P(AXIS))
     if padded(replicas, len(devices)) == replicas:
         return sharded
-    return jax.jit(lambda keys, params: jax.tree_util.tree_map(lambda x: x[:replicas], sharded(keys, params)))
+    return jax.jit(lambda keys, *args: jax.tree_util.tree_map(lambda x: x[:replicas], sharded(keys, *args)))
 
 
 def clear_programs() -> None:

@@ -331,13 +331,9 @@ class EventEngine(AbstractEngine):
         arrival_key, service_key = jax.random.split(key)
         class_keys = arrival_keys(arrival_key, num)
         first = jax.vmap(lambda k: jax.random.exponential(jax.random.fold_in(k, 0)))(class_keys)
-        schedule = params.model.arrivals
-        if schedule is None:
-            first_arrivals = first / (n * params.model.lam)
-        else:
-            t0 = jnp.zeros((), jnp.float64)
-            first_arrivals = jax.vmap(lambda c, e: next_arrival_time(n, params.model.lam, schedule, c, t0, e))(
-                jnp.arange(num), first)
+        t0 = jnp.zeros((), jnp.float64)  # each class's first arrival, as every later one (from t = 0)
+        first_arrivals = jax.vmap(lambda c, e: next_arrival_time(n, params.model.lam, params.model.arrivals, c, t0, e))(
+            jnp.arange(num), first)
         zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
         groups = self.policy.partition.groups(params.targets, n)
         state = EventState(

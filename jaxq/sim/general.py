@@ -246,10 +246,10 @@ class ServiceLaw:
         if isinstance(law, ServiceLaw):
             return law if cv is None else dataclasses.replace(law, cv=cv)
         if isinstance(law, str):
-            if law not in LAWS or law == "empirical":
-                if law == "empirical":
-                    raise ValueError("invalid field 'service': the 'empirical' law needs samples: build it with "
-                                     "ServiceLaw.empirical(prompt_samples, output_samples)")
+            if law == "empirical":
+                raise ValueError("invalid field 'service': the 'empirical' law needs samples: build it with "
+                                 "ServiceLaw.empirical(prompt_samples, output_samples)")
+            if law not in LAWS:
                 raise ValueError(f"invalid field 'service': must be a ServiceLaw or one of "
                                  f"{', '.join(LAWS[:EMPIRICAL])}, got {law!r}")
             return cls(law, law, 1.0 if cv is None else cv)
