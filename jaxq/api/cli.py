@@ -100,9 +100,7 @@ PILOT_FRACTION = 0.02  # of the horizon, timed to estimate the whole run
 
 def expected_events(scenario, n: int, replicas: int, horizon: float) -> float:
     """Arrivals, prefill and decode completions and abandonments: about three events per arrival."""
-    mean_lam = getattr(scenario, "mean_lam", None)  # the time average under an arrival schedule
-    lam = np.asarray(mean_lam(horizon) if callable(mean_lam) else scenario.classes.lam, float)
-    return 3.0 * n * float(lam.sum()) * horizon * replicas
+    return 3.0 * n * float(np.sum(scenario.mean_lam(horizon))) * horizon * replicas  # time-average rates
 
 
 def run(args) -> int:
