@@ -58,6 +58,16 @@ class ProgressLine:
             self.stream.flush()
             self.width = len(text)
 
+    def message(self, text: str) -> None:
+        """Print ``text`` as its own line above the progress line, which is then redrawn below it."""
+        with self._lock:
+            if self.enabled:
+                self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.width = 0
+        self.draw()
+
     def close(self) -> None:
         self._stop.set()
         if self._ticker is not None:

@@ -86,41 +86,41 @@ def reproduce(out, settings, log):
     out.number("R_star", R_star)
 
     window, traj_rows, per = [], [], {}
-    for policy, (router, kind) in POLICIES.items():
-        for n in ns:
-            engine = "exact" if n <= settings["exact_max_n"] else "stepped"
-            log(f"{policy} ({router} router) n = {n}: {R} replicas, T = {T:g} s, {engine} engine")
-            res = run(scenario, policy, n=n, replicas=R, horizon=T, warmup=W0, seed=settings["seed"], engine=engine,
-                      record_times=tuple(times))
-            if res.status:
-                raise RuntimeError(f"{policy} n={n}: replicas flagged {res.status}")
-            prefix = {"policy": policy, "router": router, "n": n, "engine": engine, "replicas": R, "horizon": T,
-                      "warmup": W0, "num_mixed": res.num_mixed, "R_star": R_star}
-            window += estimate_rows(prefix, res.summary, ("revenue_bundled", "q_p", "x", "q_d", "throughput"))
-            y_mix = np.asarray(res.state.integrals, float)[:, INT_Y_MIXGROUP] / (n * (T - W0))
-            y_all = res.metrics["y_m"] + res.metrics["y_s"]
-            groups = {"y_mixgroup": y_mix, "y_sologroup": y_all - y_mix, "mixed_share_class0": _mixed_share0(y_mix)}
-            for name, samples in groups.items():
-                window += estimate_rows(prefix, {name: estimate(samples)}, (name,))
-            rev = res.metrics["revenue_bundled"]
-            window.append({**prefix, "metric": "revenue_bundled_sd", "class": "", "mean": float(np.std(rev, ddof=1)),
-                           "se": "", "lo": "", "hi": ""})
-            levels = per_gpu_levels(res.trajectory, n)
-            for v in VARIABLES:
-                mean, se = levels[v].mean(0), levels[v].std(0, ddof=1) / np.sqrt(R)
-                for ti, t in enumerate(times):
-                    for i in range(scenario.num_classes):
-                        traj_rows.append({"policy": policy, "n": n, "t": t, "variable": v, "class": i,
-                                          "mean": mean[ti, i], "se": se[ti, i], "fluid": fluid[policy][v][ti, i]})
-            after = times >= W0
-            # root-mean-square distance of X_i(t)/n to x_i* over replicas and recorded times after the
-            # warm-up: convergence in probability of the process, bias and fluctuation together
-            x_rms = np.sqrt(np.mean((levels["x"][:, after] - lp.x) ** 2, axis=(0, 1)))
-            window += [{**prefix, "metric": "x_rms_to_lp", "class": i, "mean": float(x_rms[i]), "se": "", "lo": "",
-                        "hi": ""} for i in range(scenario.num_classes)]
-            per[(policy, n)] = {"summary": res.summary, "rev_sd": float(np.std(rev, ddof=1)), "x_rms": x_rms,
-                                "mixed_share0": estimate(groups["mixed_share_class0"]),
-                                "levels_mean": {v: levels[v].mean(0) for v in VARIABLES}}
+    cells = [(policy, router, kind, n) for policy, (router, kind) in POLICIES.items() for n in ns]
+    for policy, router, kind, n in log.track(cells, weight=lambda c: c[3] * R * T):
+        engine = "exact" if n <= settings["exact_max_n"] else "stepped"
+        log(f"{policy} ({router} router) n = {n}: {R} replicas, T = {T:g} s, {engine} engine")
+        res = run(scenario, policy, n=n, replicas=R, horizon=T, warmup=W0, seed=settings["seed"], engine=engine,
+                  record_times=tuple(times))
+        if res.status:
+            raise RuntimeError(f"{policy} n={n}: replicas flagged {res.status}")
+        prefix = {"policy": policy, "router": router, "n": n, "engine": engine, "replicas": R, "horizon": T,
+                  "warmup": W0, "num_mixed": res.num_mixed, "R_star": R_star}
+        window += estimate_rows(prefix, res.summary, ("revenue_bundled", "q_p", "x", "q_d", "throughput"))
+        y_mix = np.asarray(res.state.integrals, float)[:, INT_Y_MIXGROUP] / (n * (T - W0))
+        y_all = res.metrics["y_m"] + res.metrics["y_s"]
+        groups = {"y_mixgroup": y_mix, "y_sologroup": y_all - y_mix, "mixed_share_class0": _mixed_share0(y_mix)}
+        for name, samples in groups.items():
+            window += estimate_rows(prefix, {name: estimate(samples)}, (name,))
+        rev = res.metrics["revenue_bundled"]
+        window.append({**prefix, "metric": "revenue_bundled_sd", "class": "", "mean": float(np.std(rev, ddof=1)),
+                       "se": "", "lo": "", "hi": ""})
+        levels = per_gpu_levels(res.trajectory, n)
+        for v in VARIABLES:
+            mean, se = levels[v].mean(0), levels[v].std(0, ddof=1) / np.sqrt(R)
+            for ti, t in enumerate(times):
+                for i in range(scenario.num_classes):
+                    traj_rows.append({"policy": policy, "n": n, "t": t, "variable": v, "class": i,
+                                      "mean": mean[ti, i], "se": se[ti, i], "fluid": fluid[policy][v][ti, i]})
+        after = times >= W0
+        # root-mean-square distance of X_i(t)/n to x_i* over replicas and recorded times after the
+        # warm-up: convergence in probability of the process, bias and fluctuation together
+        x_rms = np.sqrt(np.mean((levels["x"][:, after] - lp.x) ** 2, axis=(0, 1)))
+        window += [{**prefix, "metric": "x_rms_to_lp", "class": i, "mean": float(x_rms[i]), "se": "", "lo": "",
+                    "hi": ""} for i in range(scenario.num_classes)]
+        per[(policy, n)] = {"summary": res.summary, "rev_sd": float(np.std(rev, ddof=1)), "x_rms": x_rms,
+                            "mixed_share0": estimate(groups["mixed_share_class0"]),
+                            "levels_mean": {v: levels[v].mean(0) for v in VARIABLES}}
     out.table("window", window)
     out.table("trajectory", traj_rows)
     fluid_rounded = fluid_levels(scenario, "gate", times, n=ns[-1])  # mixed fraction M/n, not sum x*

@@ -58,7 +58,7 @@ def reproduce(out, settings, log):
     dt = step_for([{}], scenario) if settings["engine"] == "stepped" else None
     out.number("dt", dt)
     sim_rows, results = [], {}
-    for policy in settings["policies"]:
+    for policy in log.track(settings["policies"]):
         log(f"{policy}: n = {n}, {R} replicas, T = {T:g} s, {settings['engine']} engine")
         res = run(scenario, policy, n=n, replicas=R, horizon=T, warmup=W0, seed=0, engine=settings["engine"], dt=dt)
         if res.status:

@@ -109,7 +109,7 @@ def reproduce(out, settings, log):
     n_top = ns[-1]
     baselines = settings["baselines"]
     runs = [(p, n) for p in GAP_POLICIES for n in ns] + [(b, n_top) for b in baselines]
-    for policy, n in runs:
+    for policy, n in log.track(runs, weight=lambda r: r[1]):
         res, engine = simulate(policy, n)
         pricing = GAP_POLICIES.get(policy, "bundled")
         prefix = {"study": "gap" if policy in GAP_POLICIES else "ordering", "policy": policy, "n": n, "engine": engine,

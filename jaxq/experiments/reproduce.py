@@ -27,6 +27,7 @@ import dataclasses
 import importlib
 import io
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -214,14 +215,67 @@ def estimate_rows(prefix: dict, summary: dict, metrics) -> list[dict]:
     return rows
 
 
-def reproduce(name: str, size: str = "quick", out: str | Path = "results", *, log: Callable[[str], None] | None = None,
+class Log:
+    """What an experiment reports while it runs: messages, ``log("...")``, and a progress line with an
+    estimate of the time left around its simulation loops, ``for item in log.track(items, weight=...)``.
+
+    ``weight`` gives each item's share of the work (the expected events of a run, e.g. replicas x
+    horizon x n), so that the estimate is elapsed / done-weight x remaining-weight. Messages printed
+    during a loop go above the progress line. ``Log()`` with no stream is silent, ``Log(write)`` sends
+    messages to a function and draws no line."""
+
+    def __init__(self, write: Callable[[str], None] | None = None, stream=None, tick: float | None = None):
+        self.stream, self.tick = stream, tick
+        self._write = write
+        self._line = None
+
+    def __call__(self, msg: str) -> None:
+        if self._line is not None:
+            self._line.message(f"  {msg}")
+        elif self._write is not None:
+            self._write(msg)
+        elif self.stream is not None:
+            print(f"  {msg}", file=self.stream, flush=True)
+
+    def track(self, items, weight: Callable[[object], float] | None = None, what: str = "runs"):
+        from .._progress import ProgressLine, clock
+
+        items = list(items)
+        weights = [float(weight(x)) if weight is not None else 1.0 for x in items]
+        total = sum(weights) or 1.0
+        done = {"count": 0, "work": 0.0}
+
+        def line(elapsed: float) -> str:
+            frac = done["work"] / total
+            left = elapsed / frac * (1.0 - frac) if frac > 0 else math.inf
+            return (f"  [{done['count']}/{len(items)} {what}, {100 * frac:.0f}% of the work] "
+                    f"elapsed {clock(elapsed)}, left ~{clock(left)}")
+
+        if self.stream is None or self._line is not None:  # silent, or a loop inside a tracked loop
+            yield from items
+            return
+        self._line = ProgressLine(line, self.stream, tick=self.tick)
+        try:
+            for x, w in zip(items, weights):
+                yield x
+                done["count"] += 1
+                done["work"] += w
+                self._line.draw()
+        finally:
+            self._line.close()
+            self._line = None
+
+
+def reproduce(name: str, size: str = "quick", out: str | Path = "results", *,
+              log: Log | Callable[[str], None] | None = None,
               overrides: dict | None = None) -> Output:
     """Run one experiment at one size and return its :class:`Output` (files, claims, numbers)."""
     if size not in SIZES:
         raise ValueError(f"invalid field 'size': must be one of {', '.join(SIZES)}, got {size!r}")
     mod = experiment_module(name)
     settings = {**mod.SIZES[size], **(overrides or {})}
-    log = log or (lambda msg: None)
+    if not isinstance(log, Log):
+        log = Log(log)
     output = Output(name, size, out, settings)
     mod.reproduce(output, settings, log)
     output.finish()
@@ -248,7 +302,7 @@ def run(args) -> int:
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for name in names:
         experiment_module(name)  # validate every name before running anything
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    log = Log() if args.quiet else Log(stream=sys.stderr)
     for name in names:
         print(f"== {name} ({args.size}): {experiment_module(name).TITLE}", flush=True)
         output = reproduce(name, args.size, args.out, log=log)

@@ -165,31 +165,31 @@ def reproduce(out, settings, log):
     # -- optional simulated GG-SP points -----------------------------------------------------------
     sim_rows, sims = [], {}
     sim = settings.get("sim") or {}
-    for p in ("B", "beta"):
-        for v in sim.get(p, []):
-            field = PARAMS[p][0]
-            prefix = {"parameter": p, "value_of_parameter": v, "policy": "gg-sp", "n": sim["n"],
-                      "engine": sim["engine"], "replicas": sim["replicas"], "horizon": sim["horizon"],
-                      "warmup": sim["warmup"]}
-            try:
-                scenario = base.replace(**{field: v})
-                lp = solve_bundled(scenario)
-                if not lp.ok:
-                    raise ValueError(f"LP {lp.status}: {lp.message}")
-                from jaxq.api import run
+    sim_cells = [(p, v) for p in ("B", "beta") for v in sim.get(p, [])]
+    for p, v in log.track(sim_cells):
+        field = PARAMS[p][0]
+        prefix = {"parameter": p, "value_of_parameter": v, "policy": "gg-sp", "n": sim["n"],
+                  "engine": sim["engine"], "replicas": sim["replicas"], "horizon": sim["horizon"],
+                  "warmup": sim["warmup"]}
+        try:
+            scenario = base.replace(**{field: v})
+            lp = solve_bundled(scenario)
+            if not lp.ok:
+                raise ValueError(f"LP {lp.status}: {lp.message}")
+            from jaxq.api import run
 
-                log(f"gg-sp at {p} = {v}: n = {sim['n']}, {sim['replicas']} replicas, T = {sim['horizon']:g} s")
-                res = run(scenario, "gg-sp", n=sim["n"], replicas=sim["replicas"], horizon=sim["horizon"],
-                          warmup=sim["warmup"], seed=sim["seed"], engine=sim["engine"], lp_solution=lp)
-            except ValueError as e:
-                sim_rows.append({**prefix, "status": "skipped", "reason": str(e)})
-                skipped.append(f"sim {p}={v}: {e}")
-                continue
-            flags = ";".join(f"{k}={c}" for k, c in res.status.items())
-            prefix |= {"status": flags or "ok", "lp_value": lp.value, "prop_3_2": bool(scenario.prop_3_2_holds()),
-                       "num_mixed": res.num_mixed}
-            sim_rows += estimate_rows(prefix, res.summary, ("revenue_bundled", "x", "q_d"))
-            sims[(p, v)] = (lp.value, res.summary["revenue_bundled"])
+            log(f"gg-sp at {p} = {v}: n = {sim['n']}, {sim['replicas']} replicas, T = {sim['horizon']:g} s")
+            res = run(scenario, "gg-sp", n=sim["n"], replicas=sim["replicas"], horizon=sim["horizon"],
+                      warmup=sim["warmup"], seed=sim["seed"], engine=sim["engine"], lp_solution=lp)
+        except ValueError as e:
+            sim_rows.append({**prefix, "status": "skipped", "reason": str(e)})
+            skipped.append(f"sim {p}={v}: {e}")
+            continue
+        flags = ";".join(f"{k}={c}" for k, c in res.status.items())
+        prefix |= {"status": flags or "ok", "lp_value": lp.value, "prop_3_2": bool(scenario.prop_3_2_holds()),
+                   "num_mixed": res.num_mixed}
+        sim_rows += estimate_rows(prefix, res.summary, ("revenue_bundled", "x", "q_d"))
+        sims[(p, v)] = (lp.value, res.summary["revenue_bundled"])
     if sim_rows:
         out.table("fig9-sim", sim_rows)
     out.number("skipped", skipped)

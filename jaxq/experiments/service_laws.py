@@ -126,7 +126,7 @@ def reproduce(out, settings, log):
     R_star = float(solve_bundled(scenario.replace(**{"cluster.n": n})).value)
     out.number("R_star", R_star)
     metrics, rows, cost = {}, [], []
-    for p in policies:
+    for p in log.track(policies):
         t0 = time.perf_counter()
         per_law, status, events = simulate_laws(scenario, p, laws, n, R, T, W, seed=settings.get("seed", 0))
         wall = time.perf_counter() - t0

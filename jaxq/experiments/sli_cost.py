@@ -224,33 +224,32 @@ def reproduce(out, settings, log):
 
     sim_rows, sims = [], {}
     n, R, T, W0 = settings["n"], settings["replicas"], settings["horizon"], settings["warmup"]
-    for name in SLIS:
+    for name, f in log.track([(name, f) for name in SLIS for f in settings["sim_fractions"]]):
         g_min = ranges[name][0]
         floor = floor_value(name, scenario)
-        for f in settings["sim_fractions"]:
-            eta = g_min - float(f) * (g_min - floor)
-            sol = _solve(scenario, name, eta)
-            if not sol.ok:
-                sim_rows.append({"sli": name, "fraction": f, "eta": eta, "status": f"skipped: LP {sol.status}"})
-                continue
-            log(f"sli policy, {name} eta = {eta:.6g} (f = {f}): n = {n}, {R} replicas, T = {T:g} s")
-            res = run(scenario, "sli", n=n, replicas=R, horizon=T, warmup=W0, seed=settings["seed"],
-                      engine=settings["engine"], lp_solution=sol)
-            flags = ";".join(f"{k}={v}" for k, v in res.status.items())
-            derived = {k: estimate(v) for k, v in _sim_metrics(res, scenario).items()}
-            realized = float(derived[REALIZED[name]].mean)
-            frontier = _solve(scenario, name, max(realized, floor))
-            prefix = {"sli": name, "fraction": f, "eta": eta, "n": n, "engine": settings["engine"], "replicas": R,
-                      "horizon": T, "warmup": W0, "num_mixed": res.num_mixed,
-                      "mixed_excess": res.num_mixed / n - float(np.sum(sol.x)), "lp_value": sol.value,
-                      "lp_quantity": quantity(name, sol), "realized_quantity": realized,
-                      "lp_value_at_realized": frontier.value, "status": flags or "ok"}
-            sim_rows += estimate_rows(prefix, res.summary, ("revenue_bundled", "x", "y_m", "y_s", "q_p", "q_d",
-                                                            "time_per_output_token"))
-            sim_rows += [estimate_row(prefix, k, est) for k, est in derived.items()]
-            sims[(name, f)] = {"eta": eta, "lp": sol, "rev": res.summary["revenue_bundled"], "derived": derived,
-                               "realized": derived[REALIZED[name]], "frontier": frontier.value,
-                               "num_mixed": res.num_mixed, "excess": prefix["mixed_excess"], "flags": flags}
+        eta = g_min - float(f) * (g_min - floor)
+        sol = _solve(scenario, name, eta)
+        if not sol.ok:
+            sim_rows.append({"sli": name, "fraction": f, "eta": eta, "status": f"skipped: LP {sol.status}"})
+            continue
+        log(f"sli policy, {name} eta = {eta:.6g} (f = {f}): n = {n}, {R} replicas, T = {T:g} s")
+        res = run(scenario, "sli", n=n, replicas=R, horizon=T, warmup=W0, seed=settings["seed"],
+                  engine=settings["engine"], lp_solution=sol)
+        flags = ";".join(f"{k}={v}" for k, v in res.status.items())
+        derived = {k: estimate(v) for k, v in _sim_metrics(res, scenario).items()}
+        realized = float(derived[REALIZED[name]].mean)
+        frontier = _solve(scenario, name, max(realized, floor))
+        prefix = {"sli": name, "fraction": f, "eta": eta, "n": n, "engine": settings["engine"], "replicas": R,
+                  "horizon": T, "warmup": W0, "num_mixed": res.num_mixed,
+                  "mixed_excess": res.num_mixed / n - float(np.sum(sol.x)), "lp_value": sol.value,
+                  "lp_quantity": quantity(name, sol), "realized_quantity": realized,
+                  "lp_value_at_realized": frontier.value, "status": flags or "ok"}
+        sim_rows += estimate_rows(prefix, res.summary, ("revenue_bundled", "x", "y_m", "y_s", "q_p", "q_d",
+                                                        "time_per_output_token"))
+        sim_rows += [estimate_row(prefix, k, est) for k, est in derived.items()]
+        sims[(name, f)] = {"eta": eta, "lp": sol, "rev": res.summary["revenue_bundled"], "derived": derived,
+                           "realized": derived[REALIZED[name]], "frontier": frontier.value,
+                           "num_mixed": res.num_mixed, "excess": prefix["mixed_excess"], "flags": flags}
     out.table("sim-points", sim_rows)
     _figure(out, scenario, paths, ranges, sims, R_star)
     _claims(out, scenario, paths, ranges, sims, R_star, settings)

@@ -54,7 +54,10 @@ def reproduce(out, settings, log):
     scenario = jaxq.load_scenario("canonical")
     kw = {k: settings[k] for k in ("n", "replicas", "horizon", "warmup")}
     rows, table = [], []
-    for policy in _policies(settings, log):
+    policies = _policies(settings, log)
+    runs = {p.name: 1 + len(settings["dts"]) + (len(settings["scan_dts"]) if p.name == settings["scan_policy"] else 0)
+            for p in policies}
+    for policy in log.track(policies, weight=lambda p: runs[p.name], what="policies"):
         exact = jaxq.run(scenario, policy, seed=settings["seed"], **kw)
         dts = list(settings["dts"]) + (list(settings["scan_dts"]) if policy.name == settings["scan_policy"] else [])
         for dt in sorted(dts):

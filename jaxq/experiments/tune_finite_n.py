@@ -29,7 +29,8 @@ def reproduce(out, settings, log):
 
     scenario = jaxq.load_scenario("canonical")
     path_rows, validation_rows = [], []
-    for n in settings["ns"]:
+    work = {n: n * settings["steps"][str(n)] * settings["replicas"][str(n)] for n in settings["ns"]}
+    for n in log.track(settings["ns"], weight=work.get, what="sizes"):
         key = str(n)
         r = tune_finite_n(scenario, n, steps=settings["steps"][key], replicas=settings["replicas"][key],
                           horizon=settings["horizon"], warmup=settings["warmup"], seed=settings["seed"],

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from jaxq.cli import main
-from jaxq.experiments.reproduce import EXPERIMENTS, Output, experiment_module, reproduce
+from jaxq.experiments.reproduce import EXPERIMENTS, Log, Output, experiment_module, reproduce
 from jaxq.testing.outputs import check_outputs as _check_outputs
 from jaxq.testing.outputs import finite_estimates as _finite_estimates
 from jaxq.testing.outputs import manifest as _manifest
@@ -57,6 +57,35 @@ def test_dolly_smoke(tmp_path):
     sim = _rows(out.dir / "simulation.csv")
     for r in _finite_estimates(sim, "revenue_bundled"):
         assert 0 < float(r["mean"]) < 1.05 * float(r["lp_value"]) + 4 * float(r["se"])
+
+
+def test_log_track_progress_and_messages():
+    """The progress line counts the runs, weighs them, estimates the time left, and messages printed in
+    the loop come out whole on their own lines, in order."""
+    import io
+
+    stream = io.StringIO()
+    log = Log(stream=stream, tick=0)
+    seen = []
+    for x in log.track([1, 3], weight=float):
+        log(f"run {x}")
+        seen.append(x)
+    assert seen == [1, 3]
+    lines = [seg.strip() for line in stream.getvalue().split("\n") for seg in line.split("\r") if seg.strip()]
+    assert [ln for ln in lines if ln.startswith("run")] == ["run 1", "run 3"]
+    progress = [ln for ln in lines if ln.startswith("[")]
+    assert progress[0].startswith("[0/2 runs, 0% of the work]") and progress[0].endswith("left ~?")
+    assert any(ln.startswith("[1/2 runs, 25% of the work]") for ln in progress)
+    assert progress[-1].startswith("[2/2 runs, 100% of the work]") and progress[-1].endswith("left ~0:00")
+    assert stream.getvalue().endswith("\n")
+    quiet = Log()  # the Python API's default: silent, same items
+    assert list(quiet.track(range(3))) == [0, 1, 2]
+
+
+def test_reproduce_cli_shows_progress(capsys, tmp_path):
+    assert main(["reproduce", "dolly", "--size", "smoke", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "[2/2 runs, 100% of the work]" in err and "left ~" in err and "gg-sp: n = 20" in err
 
 
 def test_every_experiment_declares_its_sizes():
