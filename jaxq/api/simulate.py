@@ -55,7 +55,7 @@ def make_params(scenario: Scenario, policy: Policy | str, n: int, horizon: float
 def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", *, n: int | None = None, replicas: int = 16,
         horizon: float = 1000.0, warmup: float | None = None, seed: int = 0, room: int | None = None,
         convention: str = "B", dtype: str = "float64", record_times=None, engine: str = "exact",
-        dt: float | None = None, lp_solution=None, service="exponential") -> SimulationResult:
+        dt: float | None = None, lp_solution=None, service="exponential", replay=None) -> SimulationResult:
     """Simulate ``replicas`` independent copies from an empty cluster and summarise them.
 
     ``scenario`` is a :class:`~jaxq.model.Scenario`, a bundled scenario's name ("canonical") or a
@@ -76,12 +76,28 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
     (``ServiceLaw.empirical(prompt_samples, output_samples)``) needs the scenario's P_i, D_i to be its
     sample means (``law.with_means(scenario)``; checked to 0.1%). A scenario's arrival schedule
     (``scenario.arrivals``) drives every engine; the LP plans for the constant ``classes.lam``.
+
+    ``replay`` (a :class:`jaxq.sim.general.TraceJobs`) replays a trace's own jobs on the general engine:
+    each job arrives at its time with its own prompt and output tokens, in every replica (which then
+    differ only in abandonments and the policy's random choices); ``service`` should then be the
+    trace's empirical law (:func:`jaxq.traces.simulate.empirical_law`), whose means the LP plans with.
     """
     from ..sim.general import ServiceLaw
 
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     law = ServiceLaw.of(service)
+    if replay is not None:
+        from ..sim.general import TraceJobs
+
+        if not isinstance(replay, TraceJobs):
+            raise ValueError(f"invalid field 'replay': must be a jaxq.sim.general.TraceJobs, got {type(replay).__name__}")
+        if replay.num_classes != scenario.num_classes:
+            raise ValueError(f"invalid field 'replay': the trace's jobs are in {replay.num_classes} classes, the "
+                             f"scenario has {scenario.num_classes}")
+        if engine not in ("exact", "general"):
+            raise ValueError(f"invalid field 'engine': a replay runs on the 'general' engine (per-job work), got {engine!r}")
+        engine = "general"
     if engine not in ENGINES:
         raise ValueError(f"invalid field 'engine': must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not law.is_exponential:
@@ -109,7 +125,7 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
 
         check_dt(params.model, dt)
     state, traj = run_replicas(keys, params, spec, pol, engine=engine, dt=dt, record_times=record_times,
-                               service=law if engine == "general" else None)
+                               service=law if engine == "general" else None, replay=replay)
     metrics = replica_metrics(state, scenario, n, horizon, warmup)
     return SimulationResult(
         scenario=scenario, policy=pol.name, engine=engine, dt=dt, n=n, horizon=horizon, warmup=warmup, replicas=replicas,

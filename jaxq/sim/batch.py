@@ -162,10 +162,11 @@ def clear_programs() -> None:
 
 
 def run_replicas(keys, params: SimParams, spec: SimSpec, policy: Policy, *, engine: str = "exact",
-                 dt: float | None = None, record_times=None, devices=None, service=None):
+                 dt: float | None = None, record_times=None, devices=None, service=None, replay=None):
     """Final states (and trajectories) of ``len(keys)`` replicas of one engine, sharded over ``devices``
     (default: all local devices; on a CPU, ``jaxq`` commands make one per core). ``service`` is the law
-    of the "general" engine; a ``spec`` without ``max_batch`` gets it from ``params.model.B`` (outside
+    of the "general" engine, ``replay`` its trace jobs to replay (a TraceJobs: data, like an empirical
+    law's samples); a ``spec`` without ``max_batch`` gets it from ``params.model.B`` (outside
     jit) for the engines shaped by B."""
     devices = tuple(jax.local_devices() if devices is None else devices)
     record_times = None if record_times is None else tuple(float(t) for t in record_times)
@@ -177,8 +178,10 @@ def run_replicas(keys, params: SimParams, spec: SimSpec, policy: Policy, *, engi
         from .general import ServiceLaw
 
         service = ServiceLaw.of(service)
-        if service.samples is not None:  # an empirical law's samples are data: no compile per trace
+        if service.samples is not None or replay is not None:  # a trace's samples and jobs are data
             fn = _program(engine, spec, policy, dt, None, record_times, devices, keys.shape[0], law_as_data=True)
-            return fn(pad_keys(keys, len(devices)), params, service.arrays())
+            return fn(pad_keys(keys, len(devices)), params, service.arrays(jobs=replay))
+    elif replay is not None:
+        raise ValueError(f"invalid field 'replay': only the 'general' engine replays a trace, got engine {engine!r}")
     fn = _program(engine, spec, policy, dt, service, record_times, devices, keys.shape[0])
     return fn(pad_keys(keys, len(devices)), params)

@@ -46,7 +46,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from ..policies.choice import weighted_search
 from ..policies.protocol import ADMIT, DRAIN, ROUTE, Policy
 from ..policies.view import ANY, MIXED, SOLO, View
-from .rooms import room_heads, room_pop, room_push, room_remove, room_width
+from .rooms import room_head_job, room_heads, room_pop, room_push, room_remove, room_width
 from .state import (
     ABANDON_DECODE,
     ABANDON_PREFILL,
@@ -187,6 +187,14 @@ class EventState(eqx.Module):
     totals: Int[Array, "C I"]  # the same counters over the whole run, for conservation checks
     # status
     status: Int[Array, ""]
+    # a trace replay's job index in each waiting-room cell (jaxq.sim.rooms, "Job indices"); else None
+    queue_job: Int[Array, "I K"] | None = None
+    buffers_job: Int[Array, "NB I K"] | None = None
+
+
+def _job_kw(job):
+    """The keyword a cluster's start_prefill/add_decode takes for a replay's job index (none without)."""
+    return {} if job is None else {"job": job}
 
 
 class Event(eqx.Module):
@@ -240,6 +248,16 @@ class AbstractCluster(eqx.Module):
     @abc.abstractmethod
     def consistent(self, state: EventState):
         """The cluster's own invariants (beyond the slots of each row)."""
+
+    def job_table(self):
+        """A trace replay's jobs (:class:`jaxq.sim.general.JobTable`: per class, each job's arrival time
+        and token counts), or None: arrivals then come from the random streams. A cluster that returns
+        a table takes ``job=`` in ``start_prefill`` and ``add_decode`` and answers :meth:`running_job`."""
+        return None
+
+    def running_job(self, state: EventState, row):
+        """The job index of ``row``'s running prefill (replay only)."""
+        raise NotImplementedError
 
 
 def weighted_index(u, weights):
@@ -327,13 +345,18 @@ class EventEngine(AbstractEngine):
     # -- start -------------------------------------------------------------------------------------
     def init(self, key, params):
         spec = self.spec
-        num, n, K, nb = spec.num_classes, spec.num_gpus, room_width(spec), self.policy.num_buffers
+        jobs = self.cluster.job_table()
+        num, n, nb = spec.num_classes, spec.num_gpus, self.policy.num_buffers
+        K = room_width(spec, jobs=jobs is not None)
         arrival_key, service_key = jax.random.split(key)
         class_keys = arrival_keys(arrival_key, num)
-        first = jax.vmap(lambda k: jax.random.exponential(jax.random.fold_in(k, 0)))(class_keys)
-        t0 = jnp.zeros((), jnp.float64)  # each class's first arrival, as every later one (from t = 0)
-        first_arrivals = jax.vmap(lambda c, e: next_arrival_time(n, params.model.lam, params.model.arrivals, c, t0, e))(
-            jnp.arange(num), first)
+        if jobs is None:
+            first = jax.vmap(lambda k: jax.random.exponential(jax.random.fold_in(k, 0)))(class_keys)
+            t0 = jnp.zeros((), jnp.float64)  # each class's first arrival, as every later one (from t = 0)
+            first_arrivals = jax.vmap(
+                lambda c, e: next_arrival_time(n, params.model.lam, params.model.arrivals, c, t0, e))(jnp.arange(num), first)
+        else:
+            first_arrivals = jobs.arrival[:, 0]
         zeros = jnp.zeros((NUM_COUNTERS, num), _I32)
         groups = self.policy.partition.groups(params.targets, n)
         state = EventState(
@@ -346,6 +369,8 @@ class EventEngine(AbstractEngine):
             q_d=jnp.zeros((nb, num), _I32),
             next_arrival=first_arrivals, counts=zeros, integrals=jnp.zeros((6, num)),
             totals=zeros, status=jnp.zeros((), _I32),
+            queue_job=None if jobs is None else jnp.full((num, K), -1, _I32),
+            buffers_job=None if jobs is None else jnp.full((nb, num, K), -1, _I32),
         )
         return (class_keys, jax.random.split(service_key, len(STEP_ROLES))), state
 
@@ -376,9 +401,9 @@ class EventEngine(AbstractEngine):
         return jnp.where(cls >= 0, b * self.spec.num_classes + cls, -1)
 
     # -- decisions -------------------------------------------------------------------------------------
-    def add_decode(self, state, row, cls, post, do):
+    def add_decode(self, state, row, cls, post, do, job=None):
         do = do & (row >= 0) & (cls >= 0)
-        state = self.cluster.add_decode(state, row, cls, do)
+        state = self.cluster.add_decode(state, row, cls, do, **_job_kw(job))
         return count_one(state, DECODE_STARTED, cls, post, do)
 
     def admit_one(self, k_gate, k_gpu, params, state, post, live):
@@ -389,8 +414,9 @@ class EventEngine(AbstractEngine):
         do = live & (cls >= 0) & (gpu >= 0) & (v.q_p[jnp.maximum(cls, 0)] > 0)
         g = jnp.maximum(gpu, 0)
         do = do & v.idle_prefill[g]
+        job = None if state.queue_job is None else room_head_job(state, "queue", cls)
         state = room_pop(state, "queue", cls, do)
-        state = self.cluster.start_prefill(state, g, cls, do)
+        state = self.cluster.start_prefill(state, g, cls, do, **_job_kw(job))
         return count_one(state, ADMITTED, cls, post, do)
 
     def admit(self, k_gate, k_gpu, params, state, post, live):
@@ -413,17 +439,18 @@ class EventEngine(AbstractEngine):
         state, _ = jax.lax.while_loop(can, body, (state, jnp.int32(1)))
         return state
 
-    def place_pending(self, key, params, state, pending_cls, pending_row, post):
-        """Route the job whose prefill just finished on ``pending_row`` (where ``pending_cls`` >= 0)."""
+    def place_pending(self, key, params, state, pending_cls, pending_row, post, pending_job=None):
+        """Route the job whose prefill just finished on ``pending_row`` (where ``pending_cls`` >= 0;
+        ``pending_job``: its index in a replay)."""
         do = pending_cls >= 0
         v = self.view(params, state)
         gpu, buf = self.policy.router.route(key, v, params.targets, pending_cls, jnp.int32(-1), pending_row)
-        state = self.add_decode(state, gpu, pending_cls, post, do & (gpu >= 0))
+        state = self.add_decode(state, gpu, pending_cls, post, do & (gpu >= 0), job=pending_job)
         wait = do & (gpu < 0)
         nb = self.policy.num_buffers
         if nb:
             b = jnp.clip(buf, 0, nb - 1)
-            state, lost = room_push(state, "buffers", self.buffer_row(b, pending_cls), state.t, wait)
+            state, lost = room_push(state, "buffers", self.buffer_row(b, pending_cls), state.t, wait, job=pending_job)
         else:  # a router without buffers must place: a job it does not is lost, and flagged
             lost = wait
         return self.lose(state, pending_cls, post, lost)
@@ -437,16 +464,18 @@ class EventEngine(AbstractEngine):
             k_b = key if b == 0 else jax.random.fold_in(key, b)
             gpu, _ = router.route(k_b, v, params.targets, cls, jnp.int32(b), jnp.int32(-1))
             do = live & (cls >= 0) & (gpu >= 0)
-            state = room_pop(state, "buffers", self.buffer_row(b, cls), do)
-            state = self.add_decode(state, gpu, cls, post, do)
+            row = self.buffer_row(b, cls)
+            job = None if state.buffers_job is None else room_head_job(state, "buffers", row)
+            state = room_pop(state, "buffers", row, do)
+            state = self.add_decode(state, gpu, cls, post, do, job=job)
         return state
 
-    def decide(self, keys, params, state, pending_cls, pending_row, post, live):
+    def decide(self, keys, params, state, pending_cls, pending_row, post, live, pending_job=None):
         """Apply the policy's decisions after an event, in its order; ``keys`` are the step's keys for
         the roles gate, gpu, route, drain and check (STEP_ROLES[1:])."""
         k_gate, k_gpu, k_route, k_drain, k_check = keys
         pending_cls = jnp.where(live, pending_cls, -1)
-        ops = {ROUTE: lambda s: self.place_pending(k_route, params, s, pending_cls, pending_row, post),
+        ops = {ROUTE: lambda s: self.place_pending(k_route, params, s, pending_cls, pending_row, post, pending_job),
                DRAIN: lambda s: self.drain(k_drain, params, s, post, live),
                ADMIT: lambda s: self.admit(k_gate, k_gpu, params, s, post, live)}
         for op in self.policy.order:
@@ -479,14 +508,21 @@ class EventEngine(AbstractEngine):
         """Apply an arrival of class ``cls_arrival`` (where ``arrive``) and draw that class's next one
         from its own stream: the k-th gap of class c comes from ``fold_in(class_keys[c], k)``
         (:func:`arrival_keys`), so every policy and engine on one key sees the same arrivals (common
-        random numbers); ``schedule``: the rate schedule (float64) or None (:func:`next_arrival_time`)."""
+        random numbers); ``schedule``: the rate schedule (float64) or None (:func:`next_arrival_time`).
+        In a replay the class's next arrival is the next job of its table, and the job's index (its
+        place in the class's arrival order) goes into the queue with it."""
+        job = state.totals[ARRIVED, cls_arrival]
         state = count_one(state, ARRIVED, cls_arrival, post, arrive)
-        state, lost = room_push(state, "queue", cls_arrival, state.t, arrive)
+        state, lost = room_push(state, "queue", cls_arrival, state.t, arrive, job=job)
         state = self.lose(state, cls_arrival, post, lost)
         index = state.totals[ARRIVED, cls_arrival]
-        key = jax.random.fold_in(class_keys[cls_arrival], index)
-        gap = jax.random.exponential(key, dtype=m.lam.dtype)
-        nxt = next_arrival_time(self.spec.num_gpus, m.lam, schedule, cls_arrival, state.t, gap)
+        jobs = self.cluster.job_table()
+        if jobs is None:
+            key = jax.random.fold_in(class_keys[cls_arrival], index)
+            gap = jax.random.exponential(key, dtype=m.lam.dtype)
+            nxt = next_arrival_time(self.spec.num_gpus, m.lam, schedule, cls_arrival, state.t, gap)
+        else:  # the table's last column is +inf: no arrival after a class's last job
+            nxt = jobs.arrival[cls_arrival, jnp.minimum(index, jobs.arrival.shape[1] - 1)]
         return eqx.tree_at(lambda s: s.next_arrival, state,
                            state.next_arrival.at[cls_arrival].set(jnp.where(arrive, nxt, t_arrival)))
 
@@ -527,6 +563,7 @@ class EventEngine(AbstractEngine):
         state = count_one(state, ABANDON_PREFILL, c, post, other & (ev.kind == ABANDON_QUEUE))
         state = count_one(state, ABANDON_DECODE, c, post, other & (ev.kind == ABANDON_BUFFER))
         prefill_done = other & (ev.kind == PREFILL)
+        pending_job = None if state.queue_job is None else self.cluster.running_job(state, ev.row)
         state, pending_cls, pending_row = self.cluster.finish_prefill(state, ev.row, prefill_done)
         state = count_one(state, PREFILL_DONE, c, post, prefill_done)
         decode_done = other & (ev.kind == DECODE)
@@ -534,7 +571,7 @@ class EventEngine(AbstractEngine):
         state = count_one(state, DECODE_DONE, c, post, decode_done)
 
         pending_cls = jnp.where(prefill_done, pending_cls, -1)
-        state = self.decide(k_decide, params, state, pending_cls, pending_row, post, live)
+        state = self.decide(k_decide, params, state, pending_cls, pending_row, post, live, pending_job)
         # an arrival waited iff its class's queue grew (FCFS within class: it is the tail)
         state = count_one(state, WAITED, cls_arrival, post, arrive & (state.q_p[cls_arrival] > waiting_before))
         bad = ~jnp.isfinite(t_next) & live

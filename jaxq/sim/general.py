@@ -270,15 +270,81 @@ class ServiceLaw:
             return parts[0]
         return f"prompt {parts[0]}, output {parts[-1]}"
 
-    def arrays(self) -> LawArrays:
+    def arrays(self, jobs: TraceJobs | None = None) -> LawArrays:
         """The law as arrays, to pass it to jitted code as data (one compile for every law; an empirical
-        law's samples are arrays too, one compile per padded sample count)."""
-        extra = {}
+        law's samples are arrays too, one compile per padded sample count); ``jobs``: a trace to replay."""
+        extra = {} if jobs is None else {"jobs": jobs.arrays()}
         if self.samples is not None:
-            extra = {"samples": jnp.asarray(self.samples.values, jnp.float64),
-                     "count": jnp.asarray(self.samples.count, _I32)}
+            extra |= {"samples": jnp.asarray(self.samples.values, jnp.float64),
+                      "count": jnp.asarray(self.samples.count, _I32)}
         return LawArrays(kind=jnp.asarray([LAWS.index(self.prompt), LAWS.index(self.output)], _I32),
                          cv=jnp.asarray(self.cv, jnp.float64), **extra)
+
+
+class JobTable(eqx.Module):
+    """A trace's own jobs as arrays, per class in arrival order: ``arrival`` (I, J) each job's arrival
+    time (s, float64, nondecreasing; +inf past the class's last job, and the last column is always
+    +inf), ``prompt`` and ``output`` (I, J) its token counts. Built by :meth:`TraceJobs.arrays`."""
+
+    arrival: Float[Array, "I J"]
+    prompt: Float[Array, "I J"]
+    output: Float[Array, "I J"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TraceJobs:
+    """The jobs of a trace to replay: per class, each job's arrival time and its own prompt and output
+    tokens. A replay runs them through the general engine as they are (no arrival or length is drawn;
+    patience stays exponential with the scenario's theta, and a randomised policy still draws its
+    choices), so each replica is the trace itself and replicas differ only in abandonments and the
+    policy's own draws. Job j of class i is the j-th of that class by arrival time (ties keep the
+    trace's order)."""
+
+    arrival: tuple  # per class: (J_i,) float64 arrival times (s), nondecreasing
+    prompt: tuple  # per class: (J_i,) tokens
+    output: tuple
+
+    @classmethod
+    def of(cls, arrival_s, prompt_tokens, output_tokens, labels, num_classes: int) -> TraceJobs:
+        """From one row per job (any order): arrival time (s, >= 0), tokens (> 0) and class label in
+        0..num_classes-1."""
+        t = np.asarray(arrival_s, np.float64)
+        p, d = (np.asarray(x, np.float64) for x in (prompt_tokens, output_tokens))
+        lab = np.asarray(labels)
+        if not (t.ndim == 1 and t.shape == p.shape == d.shape == lab.shape and t.size):
+            raise ValueError(f"invalid field 'jobs': arrival times, prompt tokens, output tokens and labels must be "
+                             f"1-D arrays of one equal, non-zero length, got shapes {t.shape}, {p.shape}, {d.shape}, "
+                             f"{lab.shape}")
+        for name, x in (("arrival_s", t), ("prompt_tokens", p), ("output_tokens", d)):
+            lo = 0.0 if name == "arrival_s" else np.nextafter(0.0, 1.0)
+            if not np.all(np.isfinite(x)) or np.any(x < lo):
+                raise ValueError(f"invalid field 'jobs.{name}': must be finite and {'>= 0' if lo == 0 else '> 0'}, got "
+                                 f"{x[~np.isfinite(x) | (x < lo)][:3]!r}")
+        if not np.issubdtype(lab.dtype, np.integer) or np.any((lab < 0) | (lab >= num_classes)):
+            raise ValueError(f"invalid field 'jobs.labels': must be integers in 0..{num_classes - 1}, got "
+                             f"{np.unique(lab)[:8]!r}")
+        order = np.argsort(t, kind="stable")
+        per = [order[lab[order] == i] for i in range(num_classes)]
+        return cls(arrival=tuple(t[o] for o in per), prompt=tuple(p[o] for o in per), output=tuple(d[o] for o in per))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.arrival)
+
+    def counts(self) -> np.ndarray:
+        return np.array([len(a) for a in self.arrival])
+
+    def arrays(self) -> JobTable:
+        """Padded to J = a power of two above the largest class's count (so traces of similar sizes
+        share one program), the padding's arrival +inf and tokens 1."""
+        width = _pad_width(int(self.counts().max()) + 1)
+        out = []
+        for per_class, fill in ((self.arrival, np.inf), (self.prompt, 1.0), (self.output, 1.0)):
+            a = np.full((self.num_classes, width), fill)
+            for i, x in enumerate(per_class):
+                a[i, :len(x)] = x
+            out.append(jnp.asarray(a, jnp.float64))
+        return JobTable(*out)
 
 
 class LawArrays(eqx.Module):
@@ -291,6 +357,7 @@ class LawArrays(eqx.Module):
     cv: Float[Array, ""]
     samples: Float[Array, "2 I K"] | None = None
     count: Int[Array, "2 I"] | None = None
+    jobs: JobTable | None = None  # a trace replay: each job's own arrival time and tokens
 
 
 def empirical_quantile(u, samples, count):
@@ -353,6 +420,9 @@ class JobArrays(AbstractGpuArrays):
     decode_finish: Float[Array, "n S"]  # when each decode slot's stream finishes at its GPU's speed (+inf: empty)
     decode_class: Int[Array, "n S"]  # class in each decode slot, -1 if empty
     length_keys: Key[Array, "2 I"]  # the length stream of each (phase, class) (see the module docstring)
+    # a replay's job index of each running prefill and decode slot (-1: none); None without a replay
+    prefill_job: Int[Array, " n"] | None = None
+    decode_job: Int[Array, "n S"] | None = None
 
 
 def remaining_work(spec: SimSpec, params: SimParams, state):
@@ -391,16 +461,28 @@ class PerJob(AbstractCluster):
         length_key = jax.random.fold_in(service_key, 2**31 - 1)
         keys = jax.vmap(lambda p: jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(length_key, p), c))(
             jnp.arange(num)))(jnp.arange(2))
+        replay = self.law.jobs is not None
         return JobArrays(group=base.group, prefill_class=base.prefill_class, decodes=base.decodes, ndec=base.ndec,
                          prefill_finish=jnp.full((n,), jnp.inf), decode_finish=jnp.full((n, S), jnp.inf),
-                         decode_class=jnp.full((n, S), -1, _I32), length_keys=keys)
+                         decode_class=jnp.full((n, S), -1, _I32), length_keys=keys,
+                         prefill_job=jnp.full((n,), -1, _I32) if replay else None,
+                         decode_job=jnp.full((n, S), -1, _I32) if replay else None)
+
+    def job_table(self):
+        return self.law.jobs
+
+    def running_job(self, state, row):
+        return state.gpus.prefill_job[jnp.maximum(row, 0)]
 
     def rows(self, state):
         return self.gpu.rows(state)
 
-    def _draw(self, state, phase: int, c, index):
+    def _draw(self, state, phase: int, c, index, job=None):
         kind = self.law.kind[phase]
         c = jnp.maximum(c, 0)
+        if job is not None:  # a replay: the job's own tokens
+            table = self.law.jobs.prompt if phase == PROMPT else self.law.jobs.output
+            return table[c, jnp.clip(job, 0, table.shape[1] - 1)]
         mean = self.means[phase, c]
         key = jax.random.fold_in(state.gpus.length_keys[phase, c], index)
         if self.law.samples is None:
@@ -422,23 +504,33 @@ class PerJob(AbstractCluster):
                            state.gpus.decode_finish.at[g].set(jnp.where(do & (new_speed != old_speed), moved, row)))
 
     # -- the functions that change a GPU: the per-GPU ones, plus the per-job work ---------------------
-    def start_prefill(self, state, row, cls, do):
+    def start_prefill(self, state, row, cls, do, job=None):
         index = state.totals[ADMITTED, jnp.maximum(cls, 0)]  # counted by the caller after this returns
         old_speed = self._decode_speed(state, row)
         state = self._rescale(self.gpu.start_prefill(state, row, cls, do), row, old_speed, do)
-        end = state.t + self._draw(state, PROMPT, cls, index) / self.speeds[0]
+        end = state.t + self._draw(state, PROMPT, cls, index, job) / self.speeds[0]
         finish = state.gpus.prefill_finish
-        return eqx.tree_at(lambda s: s.gpus.prefill_finish, state, finish.at[row].set(jnp.where(do, end, finish[row])))
+        state = eqx.tree_at(lambda s: s.gpus.prefill_finish, state, finish.at[row].set(jnp.where(do, end, finish[row])))
+        return self._set_job(state, "prefill_job", row, None, job, do)
+
+    def _set_job(self, state, name, row, slot, job, do):
+        """Record (``job``) or clear (None) a replay's job index in a prefill or decode slot."""
+        table = getattr(state.gpus, name)
+        if table is None:
+            return state
+        at = row if slot is None else (row, slot)
+        value = jnp.where(do, -1 if job is None else job, table[at])
+        return eqx.tree_at(lambda s: getattr(s.gpus, name), state, table.at[at].set(value))
 
     def finish_prefill(self, state, row, do):
         old_speed = self._decode_speed(state, row)
         state, c, after = self.gpu.finish_prefill(state, row, do)
         state = self._rescale(state, row, old_speed, do)
         finish = state.gpus.prefill_finish
-        return eqx.tree_at(lambda s: s.gpus.prefill_finish, state,
-                           finish.at[row].set(jnp.where(do, jnp.inf, finish[row]))), c, after
+        state = eqx.tree_at(lambda s: s.gpus.prefill_finish, state, finish.at[row].set(jnp.where(do, jnp.inf, finish[row])))
+        return self._set_job(state, "prefill_job", row, None, None, do), c, after
 
-    def add_decode(self, state, row, cls, do):
+    def add_decode(self, state, row, cls, do, job=None):
         do = do & (row >= 0) & (cls >= 0)
         gg, cc = jnp.maximum(row, 0), jnp.maximum(cls, 0)
         index = state.totals[DECODE_STARTED, cc]  # counted by the caller after this returns
@@ -447,22 +539,24 @@ class PerJob(AbstractCluster):
         free = jobs.decode_class[gg] < 0
         slot = jnp.argmax(free)
         ok = do & free[slot]
-        end = state.t + self._draw(state, OUTPUT, cls, index) / self._decode_speed(state, gg)
-        return eqx.tree_at(
+        end = state.t + self._draw(state, OUTPUT, cls, index, job) / self._decode_speed(state, gg)
+        state = eqx.tree_at(
             lambda s: (s.gpus.decode_finish, s.gpus.decode_class, s.status), state,
             (jobs.decode_finish.at[gg, slot].set(jnp.where(ok, end, jobs.decode_finish[gg, slot])),
              jobs.decode_class.at[gg, slot].set(jnp.where(ok, cc, jobs.decode_class[gg, slot])),
              state.status | jnp.where(do & ~ok, CAPACITY_VIOLATED, 0)))
+        return self._set_job(state, "decode_job", gg, slot, job, ok)
 
     def remove_decode(self, state, row, cls, slot, do):
         state = self.gpu.remove_decode(state, row, cls, slot, do)
         do = do & (row >= 0) & (cls >= 0)
         gg = jnp.maximum(row, 0)
         jobs = state.gpus
-        return eqx.tree_at(
+        state = eqx.tree_at(
             lambda s: (s.gpus.decode_finish, s.gpus.decode_class), state,
             (jobs.decode_finish.at[gg, slot].set(jnp.where(do, jnp.inf, jobs.decode_finish[gg, slot])),
              jobs.decode_class.at[gg, slot].set(jnp.where(do, -1, jobs.decode_class[gg, slot]))))
+        return self._set_job(state, "decode_job", gg, slot, None, do)
 
     def next_event(self, key, model, state):
         """The earliest of an abandonment (a Gillespie clock on theta x waiting jobs, redrawn at every

@@ -13,6 +13,12 @@ rooms of width 0: the counts alone, no capacity, never a lost job, and no O(room
 without decode buffers has a buffer family of zero rows: every operation on it does nothing.
 
 The functions take any pytree with the family's three fields (``ROOMS``) and return it updated.
+
+**Job indices.** A trace replay (:class:`jaxq.sim.general.TraceJobs`) must know *which* job waits in
+each cell, to give it its own token counts when it leaves. Its state then carries, beside each family,
+a ring of job indices of the same shape (``ROOM_JOBS``; -1 in empty cells) that every operation below
+moves exactly as it moves the entry times; without a replay these fields are None and cost nothing.
+A replay keeps entry times even for one class (the ring needs cells): ``room_width(spec, jobs=True)``.
 """
 
 from __future__ import annotations
@@ -22,11 +28,35 @@ import jax.numpy as jnp
 
 _I32 = jnp.int32
 ROOMS = {"queue": ("queue", "queue_start", "q_p"), "buffers": ("buffers", "buffer_start", "q_d")}
+ROOM_JOBS = {"queue": "queue_job", "buffers": "buffers_job"}
 
 
-def room_width(spec) -> int:
-    """Entry-time cells per class: ``spec.room``, or 0 (counts only) for a one-class model."""
-    return 0 if spec.num_classes == 1 else spec.room
+def room_width(spec, jobs: bool = False) -> int:
+    """Entry-time cells per class: ``spec.room``, or 0 (counts only) for a one-class model that tracks
+    no job indices."""
+    return 0 if spec.num_classes == 1 and not jobs else spec.room
+
+
+def _jobs(state, which, rows, width):
+    """The family's job-index ring as (rows, width), or None when the state tracks no jobs."""
+    jobs = getattr(state, ROOM_JOBS[which], None)
+    return None if jobs is None else jobs.reshape(rows, width)
+
+
+def _set_jobs(state, which, jobs):
+    if jobs is None:
+        return state
+    name = ROOM_JOBS[which]
+    shape = getattr(state, name).shape
+    return eqx.tree_at(lambda s: getattr(s, name), state, jobs.reshape(shape))
+
+
+def room_head_job(state, which, row):
+    """The job index at the head of room ``row`` (-1 if empty or ``row`` < 0); the state must track jobs."""
+    cells, start, count = _room(state, which)
+    jobs = _jobs(state, which, count.size, cells.shape[-1])
+    r = jnp.maximum(row, 0)
+    return jnp.where((row >= 0) & (count[r] > 0), jobs[r, start[r]], -1)
 
 
 def _room(state, which):
@@ -58,9 +88,9 @@ def _wrap(i, width):
     return jnp.where(i >= width, i - width, i)
 
 
-def room_push(state, which, row, time, do):
-    """Append ``time`` to room ``row`` where ``do`` (row < 0: nothing); returns (state, lost), lost
-    meaning the room was full (or the family has no rooms)."""
+def room_push(state, which, row, time, do, job=None):
+    """Append ``time`` (and ``job``, where the state tracks jobs) to room ``row`` where ``do`` (row < 0:
+    nothing); returns (state, lost), lost meaning the room was full (or the family has no rooms)."""
     cells, start, count = _room(state, which)
     if count.size == 0:
         return state, do & (row >= 0)
@@ -71,7 +101,11 @@ def room_push(state, which, row, time, do):
     full = count[r] >= width
     ok = do & ~full
     cell = jnp.minimum(_wrap(start[r] + count[r], width), width - 1)
+    jobs = _jobs(state, which, count.size, width)
+    if jobs is not None:
+        jobs = jobs.at[r, cell].set(jnp.where(ok, job, jobs[r, cell]))
     cells = cells.at[r, cell].set(jnp.where(ok, time, cells[r, cell]))
+    state = _set_jobs(state, which, jobs)
     return _set_room(state, which, cells, start, count.at[r].add(ok.astype(_I32))), do & full
 
 
@@ -82,6 +116,9 @@ def room_pop(state, which, row, do):
         return state
     r, do = jnp.maximum(row, 0), do & (row >= 0)
     if cells.shape[-1] > 0:
+        jobs = _jobs(state, which, count.size, cells.shape[-1])
+        if jobs is not None:
+            state = _set_jobs(state, which, jobs.at[r, start[r]].set(jnp.where(do, -1, jobs[r, start[r]])))
         cells = cells.at[r, start[r]].set(jnp.where(do, jnp.inf, cells[r, start[r]]))
         start = start.at[r].set(jnp.where(do, _wrap(start[r] + 1, cells.shape[-1]), start[r]))
     return _set_room(state, which, cells, start, count.at[r].add(-do.astype(_I32)))
@@ -105,7 +142,13 @@ def room_remove(state, which, row, pos, do):
         in_row = (jnp.arange(cells.shape[0]) == r)[:, None] & do
         # each cell's successor (the last cell's is cell 0); padding, then one select, fuses into a
         # single cheap pass where a wrapping concatenation of two slices does not
-        padded = jnp.concatenate([cells[:, 1:], jnp.full((cells.shape[0], 1), jnp.inf, cells.dtype)], axis=1)
-        after = jnp.where(cell == width - 1, cells[:, :1], padded)
-        cells = jnp.where(in_row & moved[None, :], after, jnp.where(in_row & (unwrapped == last)[None, :], jnp.inf, cells))
+        def shift(a, empty):
+            padded = jnp.concatenate([a[:, 1:], jnp.full((a.shape[0], 1), empty, a.dtype)], axis=1)
+            after = jnp.where(cell == width - 1, a[:, :1], padded)
+            return jnp.where(in_row & moved[None, :], after, jnp.where(in_row & (unwrapped == last)[None, :], empty, a))
+
+        cells = shift(cells, jnp.inf)
+        jobs = _jobs(state, which, count.size, width)
+        if jobs is not None:
+            state = _set_jobs(state, which, shift(jobs, -1))
     return _set_room(state, which, cells, start, count.at[r].add(-do.astype(_I32)))
