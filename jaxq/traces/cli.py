@@ -39,9 +39,10 @@ def add_arguments(parser):
     _add_fit_options(f)
     f.set_defaults(_action=run_fit)
 
-    m = sub.add_parser("simulate", help="the trace's rates and lengths through the general engine, beside the "
+    m = sub.add_parser("simulate", help="the trace replayed, and its rates and lengths resampled, through the general engine, beside the "
                                         "fitted Markov model",
-                       description="fit classes as `fit` does, then simulate the trace-driven scenario (per-class "
+                       description="fit classes as `fit` does, then simulate the trace itself (a replay: each "
+                                   "job at its own time with its own tokens), the trace-driven scenario (per-class "
                                    "rate schedule from the trace's counts per bin, each class's own empirical "
                                    "lengths) and the fitted Markov model (constant rates, exponential lengths) "
                                    "on the same keys, and print their metrics, gaps and the LP's R*")
@@ -253,10 +254,12 @@ def run_simulate(args) -> int:
     print(f"trace {Path(trace.source).name}: {trace.num_requests:,} requests over {trace.duration_s:,.1f} s; "
           f"classes: {fit.describe_method()}")
     print(fit.format_table(n))
-    print(f"trace-driven: the fitted scenario with a rate schedule of {bin_s:g} s pieces (class i's factor = "
+    print(f"replay: the trace's own jobs (each arrival time, class and token counts as in the file; replicas "
+          f"differ only in patience draws and the policy's choices); trace-driven: the fitted scenario with a "
+          f"rate schedule of {bin_s:g} s pieces (class i's factor = "
           f"its count in the bin / (n lam_i x bin length)) and each class's own empirical prompt and output "
           f"lengths (drawn independently); Markov model: the fitted scenario (constant rates, exponential "
-          f"lengths). Both: general engine, n = {n}, {replicas} replicas on the same keys (seed {args.seed}), "
+          f"lengths). All three: general engine, n = {n}, {replicas} replicas on the same keys (seed {args.seed}), "
           f"horizon {horizon:g} s, warm-up {warmup:g} s left out; timing {timing_source}, patience "
           f"{choices.patience:g} /s assumed")
     from ..policies import POLICIES
@@ -270,8 +273,9 @@ def run_simulate(args) -> int:
         comparisons.append(c)
         print()
         print(c.format())
-        print(f"  (mean ± 95% CI over replicas; gap: Markov model - trace-driven, ± 95% CI from the two SEs as "
-              f"independent samples, z = gap / SE; {time.perf_counter() - start:.0f} s)")
+        print(f"  (mean ± 95% CI over replicas; gap: Markov model - replay, ± 95% CI from the two SEs as "
+              f"independent samples, z = gap / SE; the replay's CI leaves out the traffic's own randomness: "
+              f"there is one trace; {time.perf_counter() - start:.0f} s)")
     path = ts.write_csv(out / "simulate.csv", comparisons)
     print(f"\nwrote {path} and {out / f'scenario-k{fit.num_classes}.toml'} (the fitted scenario, {scenario.name!r})")
     return 0

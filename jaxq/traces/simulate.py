@@ -1,6 +1,11 @@
 """A trace's own traffic through the exact general-service engine, beside the fitted Markov model
 (``jaxq trace simulate``; docs/traces.md, "Simulating the trace").
 
+**The replay** is the trace itself (:class:`jaxq.sim.general.TraceJobs`): every job arrives at its own
+time, in its fitted class, with its own prompt and output tokens. Its replicas are all the trace; they
+differ only in the patience draws (exponential, the scenario's theta: the trace records no
+abandonment) and the policy's own random choices, so its intervals are over those alone.
+
 **The trace-driven resampled scenario** is the fitted scenario (:func:`jaxq.traces.fit.fitted_scenario`)
 with two things taken from the trace instead of assumed:
 
@@ -46,8 +51,8 @@ from .reader import Trace
 DEFAULT_BIN_S = 300.0
 DEFAULT_REPLICAS = 64
 WARMUP_FRACTION = 0.1
-MODELS = ("trace", "markov")
-MODEL_TITLES = {"trace": "trace-driven", "markov": "Markov model"}
+MODELS = ("replay", "trace", "markov")
+MODEL_TITLES = {"replay": "replay", "trace": "trace-driven", "markov": "Markov model"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,6 +97,13 @@ def empirical_law(trace: Trace, fit: TraceFit):
     prompts = [trace.prompt_tokens[fit.labels == j].astype(np.float64) for j in range(k)]
     outputs = [trace.output_tokens[fit.labels == j].astype(np.float64) for j in range(k)]
     return ServiceLaw.empirical(prompts, outputs)
+
+
+def trace_jobs(trace: Trace, fit: TraceFit):
+    """The trace's own jobs, in its fitted classes, to replay (:class:`jaxq.sim.general.TraceJobs`)."""
+    from ..sim.general import TraceJobs
+
+    return TraceJobs.of(trace.arrival_s, trace.prompt_tokens, trace.output_tokens, fit.labels, fit.num_classes)
 
 
 def trace_scenario(trace: Trace, fit: TraceFit, scenario, bin_s: float = DEFAULT_BIN_S):
@@ -169,16 +181,17 @@ def _stat(samples: np.ndarray) -> Stat:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyComparison:
-    """One policy: per metric, the trace-driven and the Markov model's estimates, and the LP's R*."""
+    """One policy: per metric, the replay's, the trace-driven and the Markov model's estimates, and the
+    LP's R*."""
 
     policy: str
     lp_value: float
     stats: dict[str, dict[str, Stat]]  # model -> metric -> Stat
     status: dict[str, dict[str, int]]  # model -> status bits raised (replicas)
 
-    def gap(self, metric: str) -> tuple[float, float, float]:
-        """(model - trace, its standard error, 95% half-width): independent samples."""
-        a, b = self.stats["markov"][metric], self.stats["trace"][metric]
+    def gap(self, metric: str, model: str = "markov", against: str = "trace") -> tuple[float, float, float]:
+        """(model - against, its standard error, 95% half-width): independent samples."""
+        a, b = self.stats[model][metric], self.stats[against][metric]
         se = math.hypot(a.se, b.se)
         df = max(a.replicas + b.replicas - 2, 1)
         return a.mean - b.mean, se, float(stats.t.ppf(0.975, df)) * se
@@ -186,13 +199,14 @@ class PolicyComparison:
     def format(self) -> str:
         w = max(len(_label(m)) for m in self.stats["trace"]) + 2
         lines = [f"policy {self.policy}: bundled LP R* = {self.lp_value:.6g} per GPU per s",
-                 f"  {'metric':<{w}}{'trace-driven':>24}{'Markov model':>24}{'gap (model - trace)':>26}{'z':>7}"]
+                 f"  {'metric':<{w}}{'replay':>22}{'trace-driven':>22}{'Markov model':>22}"
+                 f"{'gap (model - replay)':>24}{'z':>7}"]
         for m in self.stats["trace"]:
-            t, k = self.stats["trace"][m], self.stats["markov"][m]
-            g, se, ci = self.gap(m)
+            r, t, k = (self.stats[x][m] for x in MODELS)
+            g, se, ci = self.gap(m, "markov", "replay")
             z = g / se if se > 0 else float("nan")
-            lines.append(f"  {_label(m):<{w}}{_fmt(t.mean, t.ci):>24}{_fmt(k.mean, k.ci):>24}{_fmt(g, ci):>26}"
-                         f"{z:>7.1f}")
+            lines.append(f"  {_label(m):<{w}}{_fmt(r.mean, r.ci):>22}{_fmt(t.mean, t.ci):>22}{_fmt(k.mean, k.ci):>22}"
+                         f"{_fmt(g, ci):>24}{z:>7.1f}")
         for model, bits in self.status.items():
             if bits:
                 lines.append(f"  {MODEL_TITLES[model]}: status " + ", ".join(f"{b} on {r} replicas" for b, r in bits.items()))
@@ -208,9 +222,9 @@ def _fmt(v: float, ci: float) -> str:
 def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int = DEFAULT_REPLICAS,
             horizon: float | None = None, warmup: float | None = None, bin_s: float = DEFAULT_BIN_S,
             seed: int = 0) -> PolicyComparison:
-    """Run ``policy`` on the trace-driven scenario and on ``scenario`` (the fitted Markov model), the
-    same ``replicas`` keys (from ``seed``), ``horizon`` (default: the trace's duration) and ``warmup``
-    (default ``WARMUP_FRACTION`` of it); the general engine for both."""
+    """Run ``policy`` on the replay of the trace, on the trace-driven scenario and on ``scenario`` (the
+    fitted Markov model), the same ``replicas`` keys (from ``seed``), ``horizon`` (default: the trace's
+    duration) and ``warmup`` (default ``WARMUP_FRACTION`` of it); the general engine for all three."""
     import jaxq
     from ..lp import solve_bundled
 
@@ -218,9 +232,11 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
     warmup = WARMUP_FRACTION * horizon if warmup is None else float(warmup)
     driven, law = trace_scenario(trace, fit, scenario, bin_s)
     out, status = {}, {}
-    for model, (sc, service) in (("trace", (driven, law)), ("markov", (scenario, "exponential"))):
+    runs = {"replay": (driven, law, trace_jobs(trace, fit)), "trace": (driven, law, None),
+            "markov": (scenario, "exponential", None)}
+    for model, (sc, service, replay) in runs.items():
         res = jaxq.run(sc, policy, replicas=replicas, horizon=horizon, warmup=warmup, seed=seed,
-                       engine="general", service=service)
+                       engine="general", service=service, replay=replay)
         out[model] = {m: _stat(v) for m, v in table_metrics(res.metrics, sc).items()}
         status[model] = res.status
     # the bundled LP's value whatever LP the policy plans with (res.lp_value is the policy's own)
@@ -229,7 +245,8 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
 
 def write_csv(path: str | os.PathLike, comparisons) -> Path:
     """One row per policy x model x metric (mean, se, 95% half-width ci, replicas), then the gap rows
-    (model ``gap``: Markov minus trace-driven) and the LP's R* (model ``lp``)."""
+    (model ``gap``: Markov minus trace-driven; ``gap_replay``: Markov minus replay; ``resampling_gap``:
+    trace-driven minus replay) and the LP's R* (model ``lp``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -239,8 +256,10 @@ def write_csv(path: str | os.PathLike, comparisons) -> Path:
             for model in MODELS:
                 for m, s in c.stats[model].items():
                     wr.writerow([c.policy, model, m, repr(s.mean), repr(s.se), repr(s.ci), s.replicas])
-            for m in c.stats["trace"]:
-                g, se, ci = c.gap(m)
-                wr.writerow([c.policy, "gap", m, repr(g), repr(se), repr(ci), ""])
+            for name, model, against in (("gap", "markov", "trace"), ("gap_replay", "markov", "replay"),
+                                         ("resampling_gap", "trace", "replay")):
+                for m in c.stats["trace"]:
+                    g, se, ci = c.gap(m, model, against)
+                    wr.writerow([c.policy, name, m, repr(g), repr(se), repr(ci), ""])
             wr.writerow([c.policy, "lp", "revenue_per_gpu_s", repr(c.lp_value), "", "", ""])
     return path

@@ -90,13 +90,15 @@ def test_command_writes_the_csv(markov_run, capsys):
     assert code == 0
     assert (out / "scenario-k2.toml").is_file()
     models = {r["model"] for r in rows}
-    assert models == {"trace", "markov", "gap", "lp"} and {r["policy"] for r in rows} == {"gg-sp"}
+    assert models == {"replay", "trace", "markov", "gap", "gap_replay", "resampling_gap", "lp"}
+    assert {r["policy"] for r in rows} == {"gg-sp"}
     metrics = [r["metric"] for r in rows if r["model"] == "trace"]
     assert metrics[:3] == ["revenue_per_gpu_s", "arrival_rate", "throughput"]
     assert "ttft_s[k0]" in metrics and "abandon_decode[k1]" in metrics
     assert metrics == [r["metric"] for r in rows if r["model"] == "markov"]
+    assert metrics == [r["metric"] for r in rows if r["model"] == "replay"]
     for r in rows:
-        if r["model"] in ("trace", "markov"):
+        if r["model"] in ("replay", "trace", "markov"):
             assert int(r["replicas"]) == REPLICAS and float(r["se"]) >= 0
     lp = [r for r in rows if r["model"] == "lp"]
     assert len(lp) == 1 and float(lp[0]["mean"]) > 0
@@ -113,6 +115,16 @@ def test_trace_driven_agrees_with_markov_on_a_markov_trace(markov_run):
         assert se > 0 and abs(float(g["mean"])) <= 4 * se, (metric, t["mean"], m["mean"], se)
     # the revenue is well below the LP's bound at this load, but not far off (a sanity bound, not a test)
     assert float(get[("trace", "revenue_per_gpu_s")]["mean"]) <= 1.05 * float(get[("lp", "revenue_per_gpu_s")]["mean"])
+
+
+def test_replay_arrivals_are_the_traces_in_every_replica(markov_run):
+    """The replay's arrival rate is the trace's own count after the warm-up, the same in every replica."""
+    _, out, rows = markov_run
+    trace = read_trace(out.parent / "markov.csv")
+    warmup = ts.WARMUP_FRACTION * trace.duration_s
+    want = np.sum(trace.arrival_s >= warmup) / (N * (trace.duration_s - warmup))
+    r = {x["metric"]: x for x in rows if x["model"] == "replay"}["arrival_rate"]
+    assert float(r["mean"]) == pytest.approx(want, rel=1e-12) and float(r["se"]) == 0.0
 
 
 def test_invalid_options_are_one_line_errors(three_class_file, capsys):
