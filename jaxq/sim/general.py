@@ -423,6 +423,10 @@ class JobArrays(AbstractGpuArrays):
     # a replay's job index of each running prefill and decode slot (-1: none); None without a replay
     prefill_job: Int[Array, " n"] | None = None
     decode_job: Int[Array, "n S"] | None = None
+    # a replay's record of each job (I, J): when its prefill finished (its first token) and when its
+    # decode did (+inf: not yet, or abandoned); per-job latencies and their percentiles come from these
+    first_token: Float[Array, "I J"] | None = None
+    finished: Float[Array, "I J"] | None = None
 
 
 def remaining_work(spec: SimSpec, params: SimParams, state):
@@ -466,7 +470,9 @@ class PerJob(AbstractCluster):
                          prefill_finish=jnp.full((n,), jnp.inf), decode_finish=jnp.full((n, S), jnp.inf),
                          decode_class=jnp.full((n, S), -1, _I32), length_keys=keys,
                          prefill_job=jnp.full((n,), -1, _I32) if replay else None,
-                         decode_job=jnp.full((n, S), -1, _I32) if replay else None)
+                         decode_job=jnp.full((n, S), -1, _I32) if replay else None,
+                         first_token=jnp.full(self.law.jobs.arrival.shape, jnp.inf) if replay else None,
+                         finished=jnp.full(self.law.jobs.arrival.shape, jnp.inf) if replay else None)
 
     def job_table(self):
         return self.law.jobs
@@ -513,6 +519,17 @@ class PerJob(AbstractCluster):
         state = eqx.tree_at(lambda s: s.gpus.prefill_finish, state, finish.at[row].set(jnp.where(do, end, finish[row])))
         return self._set_job(state, "prefill_job", row, None, job, do)
 
+    def _record(self, state, name, cls, job, do):
+        """Record the time now as job ``job`` of class ``cls``'s ``name`` (first_token or finished). Each
+        job passes each point once, so a scatter-min into +inf records it without reading the table
+        first (a gather of the old value beside the scatter would make XLA copy the table every step)."""
+        table = getattr(state.gpus, name)
+        if table is None:
+            return state
+        at = (jnp.maximum(cls, 0), jnp.clip(job, 0, table.shape[1] - 1))
+        value = jnp.where(do & (job >= 0) & (cls >= 0), state.t, jnp.inf)
+        return eqx.tree_at(lambda s: getattr(s.gpus, name), state, table.at[at].min(value))
+
     def _set_job(self, state, name, row, slot, job, do):
         """Record (``job``) or clear (None) a replay's job index in a prefill or decode slot."""
         table = getattr(state.gpus, name)
@@ -523,6 +540,9 @@ class PerJob(AbstractCluster):
         return eqx.tree_at(lambda s: getattr(s.gpus, name), state, table.at[at].set(value))
 
     def finish_prefill(self, state, row, do):
+        if state.gpus.prefill_job is not None:
+            g = jnp.maximum(row, 0)
+            state = self._record(state, "first_token", state.gpus.prefill_class[g], state.gpus.prefill_job[g], do)
         old_speed = self._decode_speed(state, row)
         state, c, after = self.gpu.finish_prefill(state, row, do)
         state = self._rescale(state, row, old_speed, do)
@@ -548,6 +568,9 @@ class PerJob(AbstractCluster):
         return self._set_job(state, "decode_job", gg, slot, job, ok)
 
     def remove_decode(self, state, row, cls, slot, do):
+        if state.gpus.decode_job is not None:
+            g = jnp.maximum(row, 0)
+            state = self._record(state, "finished", cls, state.gpus.decode_job[g, slot], do & (row >= 0))
         state = self.gpu.remove_decode(state, row, cls, slot, do)
         do = do & (row >= 0) & (cls >= 0)
         gg = jnp.maximum(row, 0)

@@ -154,6 +154,34 @@ def table_metrics(metrics: dict, scenario) -> dict[str, np.ndarray]:
     return out
 
 
+PERCENTILES = (50, 90, 99)
+LATENCIES = ("ttft_s", "tpot_s", "end_to_end_s")
+
+
+def job_latencies(state, jobs, warmup: float, horizon: float) -> dict[str, np.ndarray]:
+    """Per replica, the percentiles (PERCENTILES) over the replay's jobs of their own latencies, from
+    the engine's per-job record (``state.gpus.first_token``, ``.finished``): TTFT = first token -
+    arrival, end-to-end = last token - arrival, TPOT = (last token - first token) / the job's output
+    tokens (the wait in a decode buffer included: what the user sees between tokens). Over the jobs that
+    arrived in [warmup, horizon] and finished by the horizon (abandoned and unfinished jobs have no
+    latency; their share is the abandonment rows'). Keys ``ttft_s_p50`` ..., values (R,)."""
+    table = jobs.arrays()
+    arrival, output = np.asarray(table.arrival), np.asarray(table.output)
+    first, done = np.asarray(state.gpus.first_token), np.asarray(state.gpus.finished)
+    window = (arrival >= warmup) & (arrival <= horizon)
+    out = {f"{m}_p{q}": np.full(first.shape[0], np.nan) for m in LATENCIES for q in PERCENTILES}
+    for r in range(first.shape[0]):
+        ok = window & np.isfinite(done[r])
+        with np.errstate(invalid="ignore"):  # unrecorded (+inf) minus the padding's +inf arrival
+            values = {"ttft_s": (first[r] - arrival)[window & np.isfinite(first[r])],
+                      "tpot_s": ((done[r] - first[r]) / output)[ok], "end_to_end_s": (done[r] - arrival)[ok]}
+        for m, v in values.items():
+            if v.size:
+                for q, x in zip(PERCENTILES, np.percentile(v, PERCENTILES)):
+                    out[f"{m}_p{q}"][r] = x
+    return out
+
+
 LABELS = {"revenue_per_gpu_s": "revenue / GPU / s", "arrival_rate": "arrivals / GPU / s",
           "throughput": "throughput / GPU / s", "ttft_s": "TTFT (s)", "tpot_s": "TPOT (s)",
           "end_to_end_s": "end-to-end (s)", "abandon_prefill": "abandon prefill", "abandon_decode": "abandon decode"}
@@ -161,6 +189,9 @@ LABELS = {"revenue_per_gpu_s": "revenue / GPU / s", "arrival_rate": "arrivals / 
 
 def _label(key: str) -> str:
     base, _, cls = key.partition("[")
+    for q in PERCENTILES:
+        if base.endswith(f"_p{q}"):
+            return f"{LABELS[base[:-len(f'_p{q}')]]} p{q}"
     return LABELS[base] + (f" [{cls}" if cls else "")
 
 
@@ -207,6 +238,12 @@ class PolicyComparison:
             z = g / se if se > 0 else float("nan")
             lines.append(f"  {_label(m):<{w}}{_fmt(r.mean, r.ci):>22}{_fmt(t.mean, t.ci):>22}{_fmt(k.mean, k.ci):>22}"
                          f"{_fmt(g, ci):>24}{z:>7.1f}")
+        extra = [m for m in self.stats["replay"] if m not in self.stats["trace"]]
+        if extra:
+            lines.append("  replay, per-job latency percentiles (over the jobs after the warm-up that finished; mean "
+                         "over replicas ± 95% CI):")
+            lines += [f"  {_label(m):<{w}}{_fmt(self.stats['replay'][m].mean, self.stats['replay'][m].ci):>22}"
+                      for m in extra]
         for model, bits in self.status.items():
             if bits:
                 lines.append(f"  {MODEL_TITLES[model]}: status " + ", ".join(f"{b} on {r} replicas" for b, r in bits.items()))
@@ -238,6 +275,8 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
         res = jaxq.run(sc, policy, replicas=replicas, horizon=horizon, warmup=warmup, seed=seed,
                        engine="general", service=service, replay=replay)
         out[model] = {m: _stat(v) for m, v in table_metrics(res.metrics, sc).items()}
+        if replay is not None:
+            out[model] |= {m: _stat(v) for m, v in job_latencies(res.state, replay, warmup, horizon).items()}
         status[model] = res.status
     # the bundled LP's value whatever LP the policy plans with (res.lp_value is the policy's own)
     return PolicyComparison(policy=policy, lp_value=float(solve_bundled(scenario).value), stats=out, status=status)

@@ -103,6 +103,22 @@ def test_each_decode_runs_its_own_output():
         np.testing.assert_array_equal(np.asarray(g.decode_job)[live], j)
         np.testing.assert_array_equal(np.asarray(g.decode_class)[live], c)
         np.testing.assert_allclose(np.asarray(g.decode_finish)[live], ends[k], rtol=1e-12)
+        # the per-job record: every earlier job's first and last token, job k's first token only
+        first, done = np.asarray(g.first_token), np.asarray(g.finished)
+        for i in range(k + 1):
+            ci, ji = lab[i], int(np.sum(lab[:i] == lab[i]))
+            np.testing.assert_allclose(first[:, ci, ji], t[i] + P[i] / pre, rtol=1e-12)
+            if i < k:
+                np.testing.assert_allclose(done[:, ci, ji], ends[i], rtol=1e-12)
+        assert np.isinf(done[:, c, j]).all() and np.isfinite(first).sum() == 2 * (k + 1)
+    # per-job latency percentiles from the record: the last window holds five finished jobs
+    from jaxq.traces.simulate import job_latencies
+
+    lat = job_latencies(state, jobs, 0.0, windows[-1][1])
+    e2e = (ends - t)[:5]
+    np.testing.assert_allclose(lat["end_to_end_s_p50"], np.percentile(e2e, 50), rtol=1e-12)
+    np.testing.assert_allclose(lat["ttft_s_p99"], np.percentile((P / pre)[:6], 99), rtol=1e-12)
+    np.testing.assert_allclose(lat["tpot_s_p90"], np.percentile((1 / fast) * np.ones(5), 90), rtol=1e-9)
 
 
 def _in_system_jobs(state, r, num_classes):

@@ -96,7 +96,9 @@ def test_command_writes_the_csv(markov_run, capsys):
     assert metrics[:3] == ["revenue_per_gpu_s", "arrival_rate", "throughput"]
     assert "ttft_s[k0]" in metrics and "abandon_decode[k1]" in metrics
     assert metrics == [r["metric"] for r in rows if r["model"] == "markov"]
-    assert metrics == [r["metric"] for r in rows if r["model"] == "replay"]
+    replay = [r["metric"] for r in rows if r["model"] == "replay"]
+    assert replay[:len(metrics)] == metrics  # then the replay's per-job latency percentiles
+    assert replay[len(metrics):] == [f"{m}_p{q}" for m in ts.LATENCIES for q in ts.PERCENTILES]
     for r in rows:
         if r["model"] in ("replay", "trace", "markov"):
             assert int(r["replicas"]) == REPLICAS and float(r["se"]) >= 0
