@@ -249,15 +249,15 @@ class AbstractCluster(eqx.Module):
     def consistent(self, state: EventState):
         """The cluster's own invariants (beyond the slots of each row)."""
 
+    @abc.abstractmethod
     def job_table(self):
         """A trace replay's jobs (:class:`jaxq.sim.general.JobTable`: per class, each job's arrival time
         and token counts), or None: arrivals then come from the random streams. A cluster that returns
         a table takes ``job=`` in ``start_prefill`` and ``add_decode`` and answers :meth:`running_job`."""
-        return None
 
+    @abc.abstractmethod
     def running_job(self, state: EventState, row):
         """The job index of ``row``'s running prefill (replay only)."""
-        raise NotImplementedError
 
 
 def weighted_index(u, weights):

@@ -108,5 +108,11 @@ class PerGpu(AbstractCluster):
         return gillespie_event(key, model, state, lambda kind, c: self.completion_weights(state, kind, c),
                                jnp.dtype(self.spec.dtype))
 
+    def job_table(self):
+        return None  # no replay: per-GPU counts keep no job identities
+
+    def running_job(self, state, row):
+        raise ValueError("invalid field 'replay': only the general engine replays a trace's jobs")
+
     def consistent(self, state):
         return jnp.bool_(True)

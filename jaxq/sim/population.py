@@ -199,5 +199,11 @@ class PerConfiguration(AbstractCluster):
         return gillespie_event(key, model, state, lambda kind, c: self.completion_weights(state, kind, c),
                                jnp.dtype(self.spec.dtype))
 
+    def job_table(self):
+        return None  # no replay: per-GPU counts keep no job identities
+
+    def running_job(self, state, row):
+        raise ValueError("invalid field 'replay': only the general engine replays a trace's jobs")
+
     def consistent(self, state):
         return jnp.all(state.gpus >= 0) & (jnp.sum(state.gpus) == self.spec.num_gpus)
