@@ -81,6 +81,9 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
     each job arrives at its time with its own prompt and output tokens, in every replica (which then
     differ only in abandonments and the policy's random choices); ``service`` should then be the
     trace's empirical law (:func:`jaxq.traces.simulate.empirical_law`), whose means the LP plans with.
+    A list of ``replicas`` TraceJobs replays one trace per replica (traces generated per replica, as
+    :func:`jaxq.traces.simulate.resampled_jobs` does). A replay's state counts each job's TTFT, TPOT and
+    end-to-end latency (``state.gpus.latency_counts``; percentiles: :func:`jaxq.traces.simulate.job_latencies`).
     """
     from ..sim.general import ServiceLaw
 
@@ -90,11 +93,16 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
     if replay is not None:
         from ..sim.general import TraceJobs
 
-        if not isinstance(replay, TraceJobs):
-            raise ValueError(f"invalid field 'replay': must be a jaxq.sim.general.TraceJobs, got {type(replay).__name__}")
-        if replay.num_classes != scenario.num_classes:
-            raise ValueError(f"invalid field 'replay': the trace's jobs are in {replay.num_classes} classes, the "
-                             f"scenario has {scenario.num_classes}")
+        traces = [replay] if isinstance(replay, TraceJobs) else replay
+        if not isinstance(traces, (list, tuple)) or not all(isinstance(t, TraceJobs) for t in traces):
+            raise ValueError("invalid field 'replay': must be a jaxq.sim.general.TraceJobs or a list of them (one "
+                             f"per replica), got {type(replay).__name__}")
+        if not isinstance(replay, TraceJobs) and len(traces) != replicas:
+            raise ValueError(f"invalid field 'replay': {len(traces)} traces for {replicas} replicas (one per replica)")
+        for t in traces:
+            if t.num_classes != scenario.num_classes:
+                raise ValueError(f"invalid field 'replay': the trace's jobs are in {t.num_classes} classes, the "
+                                 f"scenario has {scenario.num_classes}")
         if engine not in ("exact", "general"):
             raise ValueError(f"invalid field 'engine': a replay runs on the 'general' engine (per-job work), got {engine!r}")
         engine = "general"

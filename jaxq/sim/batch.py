@@ -10,6 +10,7 @@ multiple of the device count with extra keys whose results are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -128,6 +129,13 @@ def padded(num: int, num_devices: int) -> int:
     return -(-num // num_devices) * num_devices
 
 
+def pad_rows(x, num_devices: int):
+    """Per-replica data (R, ...) padded to a multiple of ``num_devices`` with copies of row 0 (the
+    padding replicas' results are dropped)."""
+    pad = padded(x.shape[0], num_devices) - x.shape[0]
+    return x if not pad else jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))])
+
+
 def pad_keys(keys, num_devices: int):
     """``keys`` (R, ...) padded to a multiple of ``num_devices`` with extra keys derived from the first."""
     pad = padded(keys.shape[0], num_devices) - keys.shape[0]
@@ -138,15 +146,22 @@ def pad_keys(keys, num_devices: int):
 
 @functools.cache
 def _program(engine: str, spec: SimSpec, policy: Policy, dt, service, record_times, devices: tuple, replicas: int,
-             law_as_data: bool = False):
+             law_as_data: bool = False, jobs_per_replica: bool = False):
     """One jitted program per (engine, shapes, policy, service law, devices, replicas): replicas vmapped,
     padded to a multiple of the device count and split over ``devices``; the padding is dropped inside
     the program (one op per leaf outside it would be one more dispatch each). ``law_as_data``: the
-    program takes the general engine's law as a third argument (LawArrays) instead of compiling it in."""
+    program takes the general engine's law as a third argument (LawArrays) instead of compiling it in;
+    ``jobs_per_replica``: and a fourth, a replay's job table per replica (R, I, J), split like the keys."""
     single = runner(engine, spec, policy, dt=dt, service=service)
     law_spec = (P(),) if law_as_data else ()  # the law, when passed: replicated like params
+    if jobs_per_replica:
+        law_spec += (P(AXIS),)
 
     def local(keys, params, *law):
+        if jobs_per_replica:
+            base, tables = law
+            with_jobs = lambda jobs: dataclasses.replace(base, jobs=jobs)  # noqa: E731
+            return jax.vmap(lambda k, jobs: single(k, params, record_times, with_jobs(jobs)))(keys, tables)
         return jax.vmap(lambda k: single(k, params, record_times, *law))(keys)
 
     sharded = shard(local, devices, (P(AXIS), P(), *law_spec), P(AXIS))
@@ -171,13 +186,19 @@ def run_replicas(keys, params: SimParams, spec: SimSpec, policy: Policy, *, engi
     devices = tuple(jax.local_devices() if devices is None else devices)
     record_times = None if record_times is None else tuple(float(t) for t in record_times)
     if engine in SHAPED_BY_B and spec.max_batch is None:
-        import dataclasses
-
         spec = dataclasses.replace(spec, max_batch=int(params.model.B))
     if engine == "general":
-        from .general import ServiceLaw
+        from .general import ServiceLaw, TraceJobs, stack_jobs
 
         service = ServiceLaw.of(service)
+        if replay is not None and not isinstance(replay, TraceJobs):  # one trace per replica
+            if len(replay) != keys.shape[0]:
+                raise ValueError(f"invalid field 'replay': {len(replay)} traces for {keys.shape[0]} replicas "
+                                 "(one TraceJobs for all, or one per replica)")
+            fn = _program(engine, spec, policy, dt, None, record_times, devices, keys.shape[0], law_as_data=True,
+                          jobs_per_replica=True)
+            tables = jax.tree_util.tree_map(lambda a: pad_rows(a, len(devices)), stack_jobs(replay))
+            return fn(pad_keys(keys, len(devices)), params, service.arrays(), tables)
         if service.samples is not None or replay is not None:  # a trace's samples and jobs are data
             fn = _program(engine, spec, policy, dt, None, record_times, devices, keys.shape[0], law_as_data=True)
             return fn(pad_keys(keys, len(devices)), params, service.arrays(jobs=replay))

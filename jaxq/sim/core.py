@@ -192,9 +192,10 @@ class EventState(eqx.Module):
     buffers_job: Int[Array, "NB I K"] | None = None
 
 
-def _job_kw(job):
-    """The keyword a cluster's start_prefill/add_decode takes for a replay's job index (none without)."""
-    return {} if job is None else {"job": job}
+def _job_kw(job, **more):
+    """The keywords a cluster's start_prefill/add_decode takes in a replay: the job's index (and, for
+    add_decode, ``first``: its first token's time); none without a replay."""
+    return {} if job is None else {"job": job, **more}
 
 
 class Event(eqx.Module):
@@ -401,9 +402,9 @@ class EventEngine(AbstractEngine):
         return jnp.where(cls >= 0, b * self.spec.num_classes + cls, -1)
 
     # -- decisions -------------------------------------------------------------------------------------
-    def add_decode(self, state, row, cls, post, do, job=None):
+    def add_decode(self, state, row, cls, post, do, job=None, first=None):
         do = do & (row >= 0) & (cls >= 0)
-        state = self.cluster.add_decode(state, row, cls, do, **_job_kw(job))
+        state = self.cluster.add_decode(state, row, cls, do, **_job_kw(job, first=first))
         return count_one(state, DECODE_STARTED, cls, post, do)
 
     def admit_one(self, k_gate, k_gpu, params, state, post, live):
@@ -445,7 +446,7 @@ class EventEngine(AbstractEngine):
         do = pending_cls >= 0
         v = self.view(params, state)
         gpu, buf = self.policy.router.route(key, v, params.targets, pending_cls, jnp.int32(-1), pending_row)
-        state = self.add_decode(state, gpu, pending_cls, post, do & (gpu >= 0), job=pending_job)
+        state = self.add_decode(state, gpu, pending_cls, post, do & (gpu >= 0), job=pending_job, first=state.t)
         wait = do & (gpu < 0)
         nb = self.policy.num_buffers
         if nb:
@@ -465,9 +466,12 @@ class EventEngine(AbstractEngine):
             gpu, _ = router.route(k_b, v, params.targets, cls, jnp.int32(b), jnp.int32(-1))
             do = live & (cls >= 0) & (gpu >= 0)
             row = self.buffer_row(b, cls)
-            job = None if state.buffers_job is None else room_head_job(state, "buffers", row)
+            job, first = None, None
+            if state.buffers_job is not None:  # a replay: the job, and its first token's time (its entry)
+                job = room_head_job(state, "buffers", row)
+                first = room_heads(state, "buffers")[b, jnp.maximum(cls, 0)]
             state = room_pop(state, "buffers", row, do)
-            state = self.add_decode(state, gpu, cls, post, do, job=job)
+            state = self.add_decode(state, gpu, cls, post, do, job=job, first=first)
         return state
 
     def decide(self, keys, params, state, pending_cls, pending_row, post, live, pending_job=None):
