@@ -42,10 +42,11 @@ def add_arguments(parser):
     m = sub.add_parser("simulate", help="the trace replayed, and its rates and lengths resampled, through the general engine, beside the "
                                         "fitted Markov model",
                        description="fit classes as `fit` does, then simulate the trace itself (a replay: each "
-                                   "job at its own time with its own tokens), the trace-driven scenario (per-class "
-                                   "rate schedule from the trace's counts per bin, each class's own empirical "
-                                   "lengths) and the fitted Markov model (constant rates, exponential lengths) "
-                                   "on the same keys, and print their metrics, gaps and the LP's R*")
+                                   "job at its own time with its own tokens), the trace with its lengths shuffled "
+                                   "within each class, resampled traffic (per-class Poisson counts per bin as the "
+                                   "trace's, the class's own length pairs) and the fitted Markov model (constant "
+                                   "rates, exponential lengths) on the same keys, and print their metrics (means "
+                                   "and per-job p50/p90/p99), gaps and the LP's R*")
     m.add_argument("file", help="trace CSV (as for `jaxq trace summary`)")
     m.add_argument("--classes", required=True, metavar="K|auto|labels", help="as for `jaxq trace fit`")
     m.add_argument("--n", required=True, metavar="N|auto", help="as for `jaxq trace fit`")
@@ -255,21 +256,22 @@ def run_simulate(args) -> int:
           f"classes: {fit.describe_method()}")
     print(fit.format_table(n))
     print(f"replay: the trace's own jobs (each arrival time, class and token counts as in the file; replicas "
-          f"differ only in patience draws and the policy's choices); trace-driven: the fitted scenario with a "
-          f"rate schedule of {bin_s:g} s pieces (class i's factor = "
-          f"its count in the bin / (n lam_i x bin length)) and each class's own empirical prompt and output "
-          f"lengths (drawn independently); Markov model: the fitted scenario (constant rates, exponential "
-          f"lengths). All three: general engine, n = {n}, {replicas} replicas on the same keys (seed {args.seed}), "
-          f"horizon {horizon:g} s, warm-up {warmup:g} s left out; timing {timing_source}, patience "
-          f"{choices.patience:g} /s assumed")
+          f"differ only in patience draws and the policy's choices); shuffled lengths: the trace's arrival times "
+          f"and classes, each class's (prompt, output) pairs permuted per replica; resampled: per class a Poisson "
+          f"process with the trace's count in each {bin_s:g} s bin as its mean, (prompt, output) pairs drawn from "
+          f"the class's own; Markov model: the fitted scenario (constant rates, exponential lengths). All four: "
+          f"general engine, n = {n}, {replicas} replicas on the same keys (seed {args.seed}), horizon {horizon:g} s, "
+          f"warm-up {warmup:g} s left out; timing {timing_source}, patience {choices.patience:g} /s assumed; "
+          f"per-job latency percentiles from log bins of 4.1%, interpolated")
     from ..policies import POLICIES
 
     policies = list(POLICIES) if args.policy == "all" else [args.policy]
+    traffic = ts.model_traffic(trace, fit, scenario, replicas=replicas, horizon=horizon, bin_s=bin_s, seed=args.seed)
     comparisons = []
     for policy in policies:
         start = time.perf_counter()
-        c = ts.compare(trace, fit, scenario, policy, replicas=replicas,
-                       horizon=horizon, warmup=warmup, bin_s=bin_s, seed=args.seed)
+        c = ts.compare(trace, fit, scenario, policy, replicas=replicas, horizon=horizon, warmup=warmup,
+                       bin_s=bin_s, seed=args.seed, traffic=traffic)
         comparisons.append(c)
         print()
         print(c.format())

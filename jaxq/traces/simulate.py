@@ -1,37 +1,32 @@
 """A trace's own traffic through the exact general-service engine, beside the fitted Markov model
 (``jaxq trace simulate``; docs/traces.md, "Simulating the trace").
 
-**The replay** is the trace itself (:class:`jaxq.sim.general.TraceJobs`): every job arrives at its own
-time, in its fitted class, with its own prompt and output tokens. Its replicas are all the trace; they
-differ only in the patience draws (exponential, the scenario's theta: the trace records no
-abandonment) and the policy's own random choices, so its intervals are over those alone.
+**Four models**, each one step further from the trace; every one is run as a replay of jobs (each with
+its arrival time, class and prompt and output tokens) on the general engine, so that every model has
+per-job latencies (:func:`job_latencies`), and each step of the chain changes one thing:
 
-**The trace-driven resampled scenario** is the fitted scenario (:func:`jaxq.traces.fit.fitted_scenario`)
-with two things taken from the trace instead of assumed:
+* **replay**: the trace itself (:func:`trace_jobs`), the same in every replica: replicas differ only in
+  the patience draws (exponential, the scenario's theta: the trace records no abandonment) and the
+  policy's own random choices, so its intervals are over those alone.
+* **shuffled**: the trace's arrival times and classes, with each class's (prompt, output) pairs randomly
+  permuted per replica (:func:`shuffled_jobs`): what is lost is which job came when (a burst of long
+  prompts stays a burst of arrivals, not of long ones).
+* **resampled** (key ``trace``): per class a Poisson process whose expected count in each bin of
+  ``bin_s`` seconds is the trace's count there, times uniform within the bin, and each job's pair drawn
+  with replacement from the class's own pairs (:func:`resampled_jobs`): the rate pattern over bins and
+  the joint length law are kept, the arrivals' structure within a bin is not.
+* **Markov**: the fitted scenario as written (:func:`markov_jobs`): constant rates n lam_i, exponential
+  lengths with the class means: what the paper's model predicts. (With exponential lengths the general
+  engine is the exact engine's CTMC in distribution.)
 
-* *rates*: an arrival schedule (:class:`jaxq.model.scenario.ArrivalSchedule`) with one piece per bin of
-  ``bin_s`` seconds from the first request (the last bin ends at the last request and may be shorter;
-  its factor also holds after it). Class i's factor in bin s is the class's count there over the count
-  the scenario's constant rate gives in that bin, ``f_{i,s} = count_{i,s} / (n lam_i len_s)``: the
-  schedule's expected count in every bin is the trace's count, exactly (``lam_i`` is the scenario's, as
-  rounded in its file). Nothing is smoothed or tuned: the bin width is the only choice.
-* *lengths*: the empirical law (:meth:`jaxq.sim.general.ServiceLaw.empirical`) of each class's own
-  prompt and output lengths, with the scenario's P_i, D_i set to their means (``law.with_means``). A
-  job's prompt and output lengths are drawn independently within its class (the trace's correlation of
-  log prompt and log output is 0.09 on the Azure file).
-
-Arrivals stay a (nonstationary) Poisson process and lengths are resampled, so every replica is a new
-draw of traffic like the trace's, not a replay of it.
-
-**The fitted Markov model** is the fitted scenario as written: constant rates, exponential lengths,
-what the paper's model predicts. Both run through the general engine (``engine="general"``; with
-exponential lengths it is the exact engine's CTMC in distribution) on the same replica keys, so their
-arrival and length streams share the same uniforms (common random numbers). The gap, model minus
-trace, has the standard error of independent samples, sqrt(se_model^2 + se_trace^2), which the common
-numbers can only make conservative.
+The models' gaps (GAPS) are differences of independent samples, standard error sqrt(se_a^2 + se_b^2).
+The library keeps the engine-side forms of the resampled model too (:func:`trace_scenario`: a
+:class:`jaxq.model.scenario.ArrivalSchedule` and an empirical :class:`ServiceLaw`, lengths drawn
+independently), usable without a trace's job list; the schedule's factor in bin s is
+``f_{i,s} = count_{i,s} / (n lam_i len_s)``, so its expected count is the trace's, as here.
 
 **Warm-up.** The engine starts empty; the first ``WARMUP_FRACTION`` of the horizon is left out of every
-metric (the schedule still counts from t = 0, the first request's time).
+metric (arrivals count from t = 0, the first request's time).
 """
 
 from __future__ import annotations
@@ -51,8 +46,12 @@ from .reader import Trace
 DEFAULT_BIN_S = 300.0
 DEFAULT_REPLICAS = 64
 WARMUP_FRACTION = 0.1
-MODELS = ("replay", "trace", "markov")
-MODEL_TITLES = {"replay": "replay", "trace": "trace-driven", "markov": "Markov model"}
+MODELS = ("replay", "shuffled", "trace", "markov")
+MODEL_TITLES = {"replay": "replay", "shuffled": "shuffled lengths", "trace": "resampled", "markov": "Markov model"}
+# the CSV's gap rows: (name, model, against), each model minus against. The chain replay -> shuffled ->
+# resampled -> Markov changes one thing at a time (module docstring, "Four models").
+GAPS = (("gap", "markov", "trace"), ("gap_replay", "markov", "replay"), ("resampling_gap", "trace", "replay"),
+        ("order_gap", "shuffled", "replay"), ("arrival_gap", "trace", "shuffled"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,6 +112,81 @@ def trace_scenario(trace: Trace, fit: TraceFit, scenario, bin_s: float = DEFAULT
     return law.with_means(scenario.replace(arrivals=rate_schedule(trace, fit, scenario, bin_s))), law
 
 
+def _replica_rngs(seed: int, model: str, replicas: int):
+    """One NumPy generator per replica for a model's generated traces (independent of the engine's keys)."""
+    tag = MODELS.index(model)
+    return [np.random.default_rng([seed, tag, r]) for r in range(replicas)]
+
+
+def _class_jobs(trace: Trace, fit: TraceFit, j: int):
+    mine = fit.labels == j
+    return trace.arrival_s[mine], trace.prompt_tokens[mine].astype(np.float64), trace.output_tokens[mine].astype(np.float64)
+
+
+def _per_replica(model: str, replicas: int, seed: int, num_classes: int, draw):
+    """``replicas`` TraceJobs, replica r's class j jobs ``draw(rng_r, j)`` = (arrival, prompt, output)."""
+    from ..sim.general import TraceJobs
+
+    out = []
+    for rng in _replica_rngs(seed, model, replicas):
+        parts = []
+        for j in range(num_classes):
+            t, p, d = draw(rng, j)
+            parts.append((t, p, d, np.full(len(t), j, np.int64)))
+        out.append(TraceJobs.of(*(np.concatenate(x) for x in zip(*parts)), num_classes))
+    return out
+
+
+def shuffled_jobs(trace: Trace, fit: TraceFit, replicas: int, seed: int = 0):
+    """Per replica, the trace with each class's (prompt, output) pairs randomly permuted among that
+    class's arrival times: the arrival times, the classes and the length pairs are the trace's, only
+    which job comes when is lost (the lengths' order in time)."""
+    def draw(rng, j):
+        t, p, d = _class_jobs(trace, fit, j)
+        o = rng.permutation(len(t))
+        return t, p[o], d[o]
+
+    return _per_replica("shuffled", replicas, seed, fit.num_classes, draw)
+
+
+def resampled_jobs(trace: Trace, fit: TraceFit, replicas: int, seed: int = 0, bin_s: float = DEFAULT_BIN_S,
+                   horizon: float | None = None):
+    """Per replica, new traffic like the trace's: class i's arrivals a Poisson process with the trace's
+    count in each bin of ``bin_s`` s as its expected count there (uniform times within the bin; after
+    the trace's end, up to ``horizon``, the last bin's rate), each job's (prompt, output) pair drawn
+    with replacement from the class's own pairs (jointly: their correlation kept)."""
+    horizon = float(trace.duration_s if horizon is None else horizon)
+    edges = bin_edges(trace.duration_s, bin_s)
+    counts = class_bin_counts(trace, fit, edges).astype(np.float64)
+    if horizon > edges[-1]:  # the last bin's rate continues
+        last = counts[:, -1] / (edges[-1] - edges[-2])
+        counts = np.concatenate([counts, (last * (horizon - edges[-1]))[:, None]], axis=1)
+        edges = np.append(edges, horizon)
+    def draw(rng, j):
+        _, p, d = _class_jobs(trace, fit, j)
+        m = rng.poisson(counts[j])
+        t = np.concatenate([rng.uniform(lo, hi, c) for lo, hi, c in zip(edges[:-1], edges[1:], m)])
+        pick = rng.integers(0, len(p), len(t))
+        return t, p[pick], d[pick]
+
+    return _per_replica("trace", replicas, seed, fit.num_classes, draw)
+
+
+def markov_jobs(scenario, replicas: int, horizon: float, seed: int = 0):
+    """Per replica, traffic of the fitted Markov model: class i's arrivals Poisson at n lam_i, its prompt
+    and output lengths exponential with means P_i, D_i (continuous, as the engine's exponential law)."""
+    n = scenario.cluster.n
+    lam, P, D = (np.asarray(x, np.float64) for x in (scenario.classes.lam, scenario.classes.P, scenario.classes.D))
+    tiny = np.nextafter(0.0, 1.0)
+
+    def draw(rng, j):
+        m = rng.poisson(n * lam[j] * horizon)
+        t = np.sort(rng.uniform(0.0, horizon, m))
+        return t, np.maximum(rng.exponential(P[j], m), tiny), np.maximum(rng.exponential(D[j], m), tiny)
+
+    return _per_replica("markov", replicas, seed, len(lam), draw)
+
+
 # ----------------------------------------------------------------------------------------------------
 # simulation and comparison
 # ----------------------------------------------------------------------------------------------------
@@ -155,31 +229,22 @@ def table_metrics(metrics: dict, scenario) -> dict[str, np.ndarray]:
 
 
 PERCENTILES = (50, 90, 99)
-LATENCIES = ("ttft_s", "tpot_s", "end_to_end_s")
+LATENCIES = ("ttft_s", "tpot_s", "end_to_end_s")  # as jaxq.sim.general.LATENCIES
 
 
-def job_latencies(state, jobs, warmup: float, horizon: float) -> dict[str, np.ndarray]:
-    """Per replica, the percentiles (PERCENTILES) over the replay's jobs of their own latencies, from
-    the engine's per-job record (``state.gpus.first_token``, ``.finished``): TTFT = first token -
-    arrival, end-to-end = last token - arrival, TPOT = (last token - first token) / the job's output
-    tokens (the wait in a decode buffer included: what the user sees between tokens). Over the jobs that
-    arrived in [warmup, horizon] and finished by the horizon (abandoned and unfinished jobs have no
-    latency; their share is the abandonment rows'). Keys ``ttft_s_p50`` ..., values (R,)."""
-    table = jobs.arrays()
-    arrival, output = np.asarray(table.arrival), np.asarray(table.output)
-    first, done = np.asarray(state.gpus.first_token), np.asarray(state.gpus.finished)
-    window = (arrival >= warmup) & (arrival <= horizon)
-    out = {f"{m}_p{q}": np.full(first.shape[0], np.nan) for m in LATENCIES for q in PERCENTILES}
-    for r in range(first.shape[0]):
-        ok = window & np.isfinite(done[r])
-        with np.errstate(invalid="ignore"):  # unrecorded (+inf) minus the padding's +inf arrival
-            values = {"ttft_s": (first[r] - arrival)[window & np.isfinite(first[r])],
-                      "tpot_s": ((done[r] - first[r]) / output)[ok], "end_to_end_s": (done[r] - arrival)[ok]}
-        for m, v in values.items():
-            if v.size:
-                for q, x in zip(PERCENTILES, np.percentile(v, PERCENTILES)):
-                    out[f"{m}_p{q}"][r] = x
-    return out
+def job_latencies(state) -> dict[str, np.ndarray]:
+    """Per replica, the percentiles (PERCENTILES) over a replay's jobs of their own latencies, from the
+    engine's counts of them (``state.gpus.latency_counts``, log bins of 4.1%, interpolated: see
+    :func:`jaxq.sim.general.latency_percentiles`): TTFT = first token - arrival, end-to-end = last
+    token - arrival, TPOT = (last token - first token) / the job's output tokens (the wait in a decode
+    buffer included: what the user sees between tokens). Over the jobs that arrived after the warm-up
+    and reached that point by the horizon (abandoned and unfinished jobs have no latency; their share
+    is the abandonment rows'), all classes together. Keys ``ttft_s_p50`` ..., values (R,)."""
+    from ..sim.general import latency_percentiles
+
+    pooled = np.asarray(state.gpus.latency_counts).sum(2)  # (R, latency, bin)
+    values = latency_percentiles(pooled, PERCENTILES)
+    return {f"{m}_p{q}": values[:, i, k] for i, m in enumerate(LATENCIES) for k, q in enumerate(PERCENTILES)}
 
 
 LABELS = {"revenue_per_gpu_s": "revenue / GPU / s", "arrival_rate": "arrivals / GPU / s",
@@ -229,21 +294,15 @@ class PolicyComparison:
 
     def format(self) -> str:
         w = max(len(_label(m)) for m in self.stats["trace"]) + 2
+        col = 18
         lines = [f"policy {self.policy}: bundled LP R* = {self.lp_value:.6g} per GPU per s",
-                 f"  {'metric':<{w}}{'replay':>22}{'trace-driven':>22}{'Markov model':>22}"
-                 f"{'gap (model - replay)':>24}{'z':>7}"]
+                 f"  {'metric':<{w}}" + "".join(f"{MODEL_TITLES[x]:>{col}}" for x in MODELS)
+                 + f"{'Markov - replay':>{col + 2}}{'z':>6}"]
         for m in self.stats["trace"]:
-            r, t, k = (self.stats[x][m] for x in MODELS)
             g, se, ci = self.gap(m, "markov", "replay")
             z = g / se if se > 0 else float("nan")
-            lines.append(f"  {_label(m):<{w}}{_fmt(r.mean, r.ci):>22}{_fmt(t.mean, t.ci):>22}{_fmt(k.mean, k.ci):>22}"
-                         f"{_fmt(g, ci):>24}{z:>7.1f}")
-        extra = [m for m in self.stats["replay"] if m not in self.stats["trace"]]
-        if extra:
-            lines.append("  replay, per-job latency percentiles (over the jobs after the warm-up that finished; mean "
-                         "over replicas ± 95% CI):")
-            lines += [f"  {_label(m):<{w}}{_fmt(self.stats['replay'][m].mean, self.stats['replay'][m].ci):>22}"
-                      for m in extra]
+            lines.append(f"  {_label(m):<{w}}" + "".join(f"{_fmt(self.stats[x][m].mean, self.stats[x][m].ci):>{col}}"
+                                                         for x in MODELS) + f"{_fmt(g, ci):>{col + 2}}{z:>6.1f}")
         for model, bits in self.status.items():
             if bits:
                 lines.append(f"  {MODEL_TITLES[model]}: status " + ", ".join(f"{b} on {r} replicas" for b, r in bits.items()))
@@ -258,34 +317,47 @@ def _fmt(v: float, ci: float) -> str:
 
 def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int = DEFAULT_REPLICAS,
             horizon: float | None = None, warmup: float | None = None, bin_s: float = DEFAULT_BIN_S,
-            seed: int = 0) -> PolicyComparison:
-    """Run ``policy`` on the replay of the trace, on the trace-driven scenario and on ``scenario`` (the
-    fitted Markov model), the same ``replicas`` keys (from ``seed``), ``horizon`` (default: the trace's
-    duration) and ``warmup`` (default ``WARMUP_FRACTION`` of it); the general engine for all three."""
+            seed: int = 0, traffic: dict | None = None) -> PolicyComparison:
+    """Run ``policy`` on the four models (MODELS: the replay of the trace, its shuffled lengths, the
+    resampled traffic and the fitted Markov model ``scenario``), the same ``replicas`` engine keys (from
+    ``seed``), ``horizon`` (default: the trace's duration) and ``warmup`` (default ``WARMUP_FRACTION``
+    of it); the general engine for all. ``traffic``: the models' jobs from :func:`model_traffic` (built
+    here if None; pass it to reuse it across policies)."""
     import jaxq
     from ..lp import solve_bundled
 
     horizon = float(trace.duration_s if horizon is None else horizon)
     warmup = WARMUP_FRACTION * horizon if warmup is None else float(warmup)
+    if traffic is None:
+        traffic = model_traffic(trace, fit, scenario, replicas=replicas, horizon=horizon, bin_s=bin_s, seed=seed)
     driven, law = trace_scenario(trace, fit, scenario, bin_s)
     out, status = {}, {}
-    runs = {"replay": (driven, law, trace_jobs(trace, fit)), "trace": (driven, law, None),
-            "markov": (scenario, "exponential", None)}
-    for model, (sc, service, replay) in runs.items():
+    for model in MODELS:
+        sc, service = (scenario, "exponential") if model == "markov" else (driven, law)
         res = jaxq.run(sc, policy, replicas=replicas, horizon=horizon, warmup=warmup, seed=seed,
-                       engine="general", service=service, replay=replay)
+                       engine="general", service=service, replay=traffic[model])
         out[model] = {m: _stat(v) for m, v in table_metrics(res.metrics, sc).items()}
-        if replay is not None:
-            out[model] |= {m: _stat(v) for m, v in job_latencies(res.state, replay, warmup, horizon).items()}
+        out[model] |= {m: _stat(v) for m, v in job_latencies(res.state).items()}
         status[model] = res.status
     # the bundled LP's value whatever LP the policy plans with (res.lp_value is the policy's own)
     return PolicyComparison(policy=policy, lp_value=float(solve_bundled(scenario).value), stats=out, status=status)
 
 
+def model_traffic(trace: Trace, fit: TraceFit, scenario, *, replicas: int = DEFAULT_REPLICAS,
+                  horizon: float | None = None, bin_s: float = DEFAULT_BIN_S, seed: int = 0) -> dict:
+    """Each model's jobs: the trace's (one TraceJobs for every replica) for the replay, one generated
+    trace per replica for the others (:func:`shuffled_jobs`, :func:`resampled_jobs`, :func:`markov_jobs`)."""
+    horizon = float(trace.duration_s if horizon is None else horizon)
+    return {"replay": trace_jobs(trace, fit), "shuffled": shuffled_jobs(trace, fit, replicas, seed),
+            "trace": resampled_jobs(trace, fit, replicas, seed, bin_s, horizon),
+            "markov": markov_jobs(scenario, replicas, horizon, seed)}
+
+
 def write_csv(path: str | os.PathLike, comparisons) -> Path:
     """One row per policy x model x metric (mean, se, 95% half-width ci, replicas), then the gap rows
-    (model ``gap``: Markov minus trace-driven; ``gap_replay``: Markov minus replay; ``resampling_gap``:
-    trace-driven minus replay) and the LP's R* (model ``lp``)."""
+    (GAPS: ``gap``: Markov minus resampled; ``gap_replay``: Markov minus replay; ``resampling_gap``:
+    resampled minus replay; ``order_gap``: shuffled minus replay; ``arrival_gap``: resampled minus
+    shuffled) and the LP's R* (model ``lp``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
@@ -295,8 +367,7 @@ def write_csv(path: str | os.PathLike, comparisons) -> Path:
             for model in MODELS:
                 for m, s in c.stats[model].items():
                     wr.writerow([c.policy, model, m, repr(s.mean), repr(s.se), repr(s.ci), s.replicas])
-            for name, model, against in (("gap", "markov", "trace"), ("gap_replay", "markov", "replay"),
-                                         ("resampling_gap", "trace", "replay")):
+            for name, model, against in GAPS:
                 for m in c.stats["trace"]:
                     g, se, ci = c.gap(m, model, against)
                     wr.writerow([c.policy, name, m, repr(g), repr(se), repr(ci), ""])

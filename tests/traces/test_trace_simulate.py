@@ -1,7 +1,8 @@
 """`jaxq trace simulate`: the trace-driven scenario's rate schedule reproduces the trace's counts per
 class and bin exactly, its empirical law's means are the classes' P_i, D_i, and on a trace drawn from
-the Markov model itself (stationary Poisson arrivals, exponential lengths) the trace-driven and the
-Markov results agree within 4 combined SE; the command writes its CSV."""
+the Markov model itself (stationary Poisson arrivals, exponential lengths) the resampled and the
+Markov results agree within 4 combined SE; each model's generated traffic keeps what it should; the
+command writes its CSV, with per-job latency percentiles for every model."""
 
 from __future__ import annotations
 
@@ -90,17 +91,18 @@ def test_command_writes_the_csv(markov_run, capsys):
     assert code == 0
     assert (out / "scenario-k2.toml").is_file()
     models = {r["model"] for r in rows}
-    assert models == {"replay", "trace", "markov", "gap", "gap_replay", "resampling_gap", "lp"}
+    assert models == {*ts.MODELS, *(g for g, _, _ in ts.GAPS), "lp"}
     assert {r["policy"] for r in rows} == {"gg-sp"}
     metrics = [r["metric"] for r in rows if r["model"] == "trace"]
     assert metrics[:3] == ["revenue_per_gpu_s", "arrival_rate", "throughput"]
     assert "ttft_s[k0]" in metrics and "abandon_decode[k1]" in metrics
-    assert metrics == [r["metric"] for r in rows if r["model"] == "markov"]
-    replay = [r["metric"] for r in rows if r["model"] == "replay"]
-    assert replay[:len(metrics)] == metrics  # then the replay's per-job latency percentiles
-    assert replay[len(metrics):] == [f"{m}_p{q}" for m in ts.LATENCIES for q in ts.PERCENTILES]
+    for model in ts.MODELS:
+        assert metrics == [r["metric"] for r in rows if r["model"] == model]
+    # every model ends with its per-job latency percentiles, finite
+    assert metrics[-9:] == [f"{m}_p{q}" for m in ts.LATENCIES for q in ts.PERCENTILES]
+    assert all(math.isfinite(float(r["mean"])) for r in rows if r["metric"].endswith("_p99"))
     for r in rows:
-        if r["model"] in ("replay", "trace", "markov"):
+        if r["model"] in ts.MODELS:
             assert int(r["replicas"]) == REPLICAS and float(r["se"]) >= 0
     lp = [r for r in rows if r["model"] == "lp"]
     assert len(lp) == 1 and float(lp[0]["mean"]) > 0
@@ -117,6 +119,44 @@ def test_trace_driven_agrees_with_markov_on_a_markov_trace(markov_run):
         assert se > 0 and abs(float(g["mean"])) <= 4 * se, (metric, t["mean"], m["mean"], se)
     # the revenue is well below the LP's bound at this load, but not far off (a sanity bound, not a test)
     assert float(get[("trace", "revenue_per_gpu_s")]["mean"]) <= 1.05 * float(get[("lp", "revenue_per_gpu_s")]["mean"])
+
+
+def test_generated_traffic_keeps_what_each_model_keeps(three_class_file):
+    """Shuffled: each replica has the trace's arrival times and length pairs per class, in another
+    order. Resampled: the count per class and bin is Poisson with the trace's count as its mean (the
+    mean over 200 replicas within 4 SE), and every job is one of the class's own pairs. Markov: Poisson
+    counts at n lam_i x horizon (within 4 SE over the replicas), exponential means P_i, D_i."""
+    path, _ = three_class_file
+    trace = read_trace(path)
+    fit = fit_trace(trace, 3)
+    sc = fitted_scenario(fit, ScenarioChoices(n=7))
+    R = 200
+    for jobs in ts.shuffled_jobs(trace, fit, 3, seed=1):
+        for j in range(3):
+            t, p, d = ts._class_jobs(trace, fit, j)
+            np.testing.assert_array_equal(jobs.arrival[j], t)
+            assert sorted(zip(jobs.prompt[j], jobs.output[j])) == sorted(zip(p, d))
+            assert not np.array_equal(jobs.prompt[j], p)  # in another order
+    edges = ts.bin_edges(trace.duration_s, 300.0)
+    want = ts.class_bin_counts(trace, fit, edges)
+    got = np.array([[np.histogram(jobs.arrival[j], bins=edges)[0] for j in range(3)]
+                    for jobs in ts.resampled_jobs(trace, fit, R, seed=2, bin_s=300.0)])
+    assert np.all(np.abs(got.mean(0) - want) <= 4 * np.sqrt(np.maximum(want, 1) / R))
+    jobs = ts.resampled_jobs(trace, fit, 1, seed=2, bin_s=300.0)[0]
+    for j in range(3):
+        _, p, d = ts._class_jobs(trace, fit, j)
+        assert set(zip(jobs.prompt[j], jobs.output[j])) <= set(zip(p, d))
+    horizon = 500.0
+    markov = ts.markov_jobs(sc, R, horizon, seed=3)
+    counts = np.array([m.counts() for m in markov])
+    mean = sc.cluster.n * np.asarray(sc.classes.lam) * horizon
+    assert np.all(np.abs(counts.mean(0) - mean) <= 4 * np.sqrt(mean / R))
+    for j in range(3):
+        p = np.concatenate([m.prompt[j] for m in markov])
+        d = np.concatenate([m.output[j] for m in markov])
+        assert abs(p.mean() - sc.classes.P[j]) <= 4 * sc.classes.P[j] / np.sqrt(p.size)
+        assert abs(d.mean() - sc.classes.D[j]) <= 4 * sc.classes.D[j] / np.sqrt(d.size)
+        assert np.all(np.diff(markov[0].arrival[j]) >= 0) and markov[0].arrival[j].max() <= horizon
 
 
 def test_replay_arrivals_are_the_traces_in_every_replica(markov_run):
