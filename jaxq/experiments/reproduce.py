@@ -44,6 +44,7 @@ EXPERIMENTS: dict[str, str] = {
     "service-laws": "jaxq.experiments.service_laws",
     "stepped-bias": "jaxq.experiments.stepped_bias",
     "tune-finite-n": "jaxq.experiments.tune_finite_n",
+    "trace": "jaxq.experiments.trace_study",
 }
 SIZES = ("smoke", "quick", "paper")
 

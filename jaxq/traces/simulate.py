@@ -260,19 +260,17 @@ def _label(key: str) -> str:
     return LABELS[base] + (f" [{cls}" if cls else "")
 
 
-@dataclasses.dataclass(frozen=True)
-class Stat:
-    mean: float
-    se: float
-    ci: float  # half-width of the 95% interval
-    replicas: int
-
-
-def _stat(samples: np.ndarray) -> Stat:
-    from ..metrics.summary import estimate
+def _stat(samples: np.ndarray):
+    """The replicas' :class:`jaxq.metrics.summary.Estimate` (mean, se, 95% interval lo..hi), as floats."""
+    from ..metrics.summary import Estimate, estimate
 
     e = estimate(samples)
-    return Stat(float(e.mean), float(e.se), float(e.hi - e.mean), e.replicas)
+    return Estimate(mean=float(e.mean), se=float(e.se), lo=float(e.lo), hi=float(e.hi), replicas=e.replicas)
+
+
+def _ci(e) -> float:
+    """The 95% interval's half-width."""
+    return e.hi - e.mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +280,7 @@ class PolicyComparison:
 
     policy: str
     lp_value: float
-    stats: dict[str, dict[str, Stat]]  # model -> metric -> Stat
+    stats: dict[str, dict]  # model -> metric -> jaxq.metrics.summary.Estimate
     status: dict[str, dict[str, int]]  # model -> status bits raised (replicas)
 
     def gap(self, metric: str, model: str = "markov", against: str = "trace") -> tuple[float, float, float]:
@@ -301,7 +299,7 @@ class PolicyComparison:
         for m in self.stats["trace"]:
             g, se, ci = self.gap(m, "markov", "replay")
             z = g / se if se > 0 else float("nan")
-            lines.append(f"  {_label(m):<{w}}" + "".join(f"{_fmt(self.stats[x][m].mean, self.stats[x][m].ci):>{col}}"
+            lines.append(f"  {_label(m):<{w}}" + "".join(f"{_fmt(self.stats[x][m].mean, _ci(self.stats[x][m])):>{col}}"
                                                          for x in MODELS) + f"{_fmt(g, ci):>{col + 2}}{z:>6.1f}")
         for model, bits in self.status.items():
             if bits:
@@ -325,17 +323,27 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
     here if None; pass it to reuse it across policies)."""
     import jaxq
     from ..lp import solve_bundled
+    from ..sim.general import TraceJobs
 
     horizon = float(trace.duration_s if horizon is None else horizon)
     warmup = WARMUP_FRACTION * horizon if warmup is None else float(warmup)
     if traffic is None:
         traffic = model_traffic(trace, fit, scenario, replicas=replicas, horizon=horizon, bin_s=bin_s, seed=seed)
     driven, law = trace_scenario(trace, fit, scenario, bin_s)
+    from ..sim.batch import default_room
+
+    n = scenario.cluster.n
+    room = max(default_room(driven, n), default_room(scenario, n))  # one room size: one program
     out, status = {}, {}
     for model in MODELS:
-        sc, service = (scenario, "exponential") if model == "markov" else (driven, law)
+        # every model is a list of per-replica traces, and the law (unused: each job brings its own
+        # tokens) is the trace's for all, so the four share one compiled program
+        # (arrivals come from the jobs: the rate schedule is left out, as its pytree would be a second program)
+        sc = scenario if model == "markov" else driven.replace(arrivals=None)
+        jobs = traffic[model]
+        jobs = [jobs] * replicas if isinstance(jobs, TraceJobs) else jobs
         res = jaxq.run(sc, policy, replicas=replicas, horizon=horizon, warmup=warmup, seed=seed,
-                       engine="general", service=service, replay=traffic[model])
+                       engine="general", service=law, replay=jobs, room=room)
         out[model] = {m: _stat(v) for m, v in table_metrics(res.metrics, sc).items()}
         out[model] |= {m: _stat(v) for m, v in job_latencies(res.state).items()}
         status[model] = res.status
@@ -366,7 +374,7 @@ def write_csv(path: str | os.PathLike, comparisons) -> Path:
         for c in comparisons:
             for model in MODELS:
                 for m, s in c.stats[model].items():
-                    wr.writerow([c.policy, model, m, repr(s.mean), repr(s.se), repr(s.ci), s.replicas])
+                    wr.writerow([c.policy, model, m, repr(s.mean), repr(s.se), repr(_ci(s)), s.replicas])
             for name, model, against in GAPS:
                 for m in c.stats["trace"]:
                     g, se, ci = c.gap(m, model, against)
