@@ -13,7 +13,8 @@ rates scale by 0.8).
 At each load every built-in policy runs on the four models of :mod:`jaxq.traces.simulate` (the trace
 replayed job by job; its lengths shuffled within class; resampled Poisson-per-bin traffic with the
 class's own length pairs; the fitted Markov model), the same engine keys, on the exact general-service
-engine, and the fluid/LP plan gives its own prediction (R*, throughput, the share served). Written:
+engine, and the fluid/LP plan gives its own prediction (R*, throughput, the share served, and by
+Little's law on its queues the mean TTFT and the prefill abandonment). Written:
 
 * ``trace.csv``: per load, policy, model and metric the mean, SE, 95% interval and replicas (metrics:
   revenue, arrival rate, throughput, mean TTFT, TPOT, end-to-end, abandonment, per class and overall,
@@ -110,9 +111,19 @@ def _lp_rows(prefix, scenario, trace, fit):
     lam_w = np.bincount(fit.labels[inside], minlength=fit.num_classes) / (
         scenario.cluster.n * (trace.duration_s - warmup))
     window = float(solve_bundled(scenario.replace(**{"classes.lam": lam_w.tolist()})).value)
+    # the fluid plan's latency and abandonment, by Little's law on its queues: a job waits q_p,i / lam_i
+    # on average, then prefills for P_i / (C / tau); theta_i q_p,i of lam_i abandon while waiting
+    from ..sim.general import phase_speeds
+
+    prefill_speed = float(phase_speeds(scenario.params())[0])
+    q_p, theta = np.asarray(sol.q_p, float), np.asarray(scenario.classes.theta, float)
+    ttft = q_p / lam + np.asarray(scenario.classes.P, float) / prefill_speed
+    abandon = theta * q_p / lam
     rows = [{**prefix, "model": "lp", "metric": m, "mean": v, "se": 0.0, "lo": v, "hi": v, "replicas": ""}
             for m, v in (("revenue_per_gpu_s", float(sol.value)), ("throughput", float(thr.sum())),
-                         ("served_fraction", float(thr.sum() / lam.sum())), ("revenue_per_gpu_s_window", window))]
+                         ("served_fraction", float(thr.sum() / lam.sum())), ("revenue_per_gpu_s_window", window),
+                         ("ttft_s", float(np.sum(lam * ttft) / lam.sum())),
+                         ("abandon_prefill", float(np.sum(lam * abandon) / lam.sum())))]
     return rows, {"hour": float(sol.value), "window": window}
 
 

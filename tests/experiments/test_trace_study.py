@@ -58,6 +58,9 @@ def test_smoke_tables(smoke):
     lp = {(float(r["load"]), r["metric"]): float(r["mean"]) for r in rows if r["model"] == "lp"}
     assert lp[(0.8, "revenue_per_gpu_s")] < lp[(1.0, "revenue_per_gpu_s")]
     assert 0 < lp[(1.0, "served_fraction")] <= 1 + 1e-9
+    # the fluid plan's TTFT is at least the fastest prefill, and below what any replica waits on average
+    assert 0 < lp[(1.0, "ttft_s")] <= min(float(r["mean"]) for r in sim if r["metric"] == "ttft_s")
+    assert 0 <= lp[(1.0, "abandon_prefill")] <= 1
     # the gap rows are the models' differences
     get = {(float(r["load"]), r["policy"], r["model"], r["metric"]): float(r["mean"]) for r in sim}
     for g in _rows(smoke.dir / "gaps.csv"):
