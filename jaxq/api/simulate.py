@@ -97,8 +97,6 @@ def run(scenario: Scenario | str | os.PathLike, policy: str | Policy = "gg-sp", 
         if not isinstance(traces, (list, tuple)) or not all(isinstance(t, TraceJobs) for t in traces):
             raise ValueError("invalid field 'replay': must be a jaxq.sim.general.TraceJobs or a list of them (one "
                              f"per replica), got {type(replay).__name__}")
-        if not isinstance(replay, TraceJobs) and len(traces) != replicas:
-            raise ValueError(f"invalid field 'replay': {len(traces)} traces for {replicas} replicas (one per replica)")
         for t in traces:
             if t.num_classes != scenario.num_classes:
                 raise ValueError(f"invalid field 'replay': the trace's jobs are in {t.num_classes} classes, the "

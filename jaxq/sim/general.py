@@ -587,12 +587,11 @@ class PerJob(AbstractCluster):
         state = eqx.tree_at(lambda s: s.gpus.prefill_finish, state, finish.at[row].set(jnp.where(do, end, finish[row])))
         return self._set_job(state, "prefill_job", row, None, job, do)
 
-    def _count_latencies(self, state, cls, job, values, do):
+    def _count_latencies(self, state, cls, job, arrival, values, do):
         """Count job ``job`` of class ``cls``'s latencies ``values`` ({latency index: seconds}) in their
-        bins where ``do`` and the job arrived after the warm-up (one scatter-add)."""
-        jobs = self.law.jobs
-        c, j = jnp.maximum(cls, 0), jnp.clip(job, 0, jobs.arrival.shape[1] - 1)
-        do = do & (job >= 0) & (cls >= 0) & (jobs.arrival[c, j] >= self.warmup)
+        bins where ``do`` and the job arrived (at ``arrival``) after the warm-up (one scatter-add)."""
+        c = jnp.maximum(cls, 0)
+        do = do & (job >= 0) & (cls >= 0) & (arrival >= self.warmup)
         kinds = jnp.asarray(list(values), _I32)
         bins = latency_bin(jnp.stack(list(values.values())))
         counts = state.gpus.latency_counts.at[kinds, c, bins].add(do.astype(_I32))
@@ -612,7 +611,7 @@ class PerJob(AbstractCluster):
             g = jnp.maximum(row, 0)
             c, j = state.gpus.prefill_class[g], state.gpus.prefill_job[g]
             arrival = self.law.jobs.arrival[jnp.maximum(c, 0), jnp.maximum(j, 0)]
-            state = self._count_latencies(state, c, j, {TTFT: state.t - arrival}, do)
+            state = self._count_latencies(state, c, j, arrival, {TTFT: state.t - arrival}, do)
         old_speed = self._decode_speed(state, row)
         state, c, after = self.gpu.finish_prefill(state, row, do)
         state = self._rescale(state, row, old_speed, do)
@@ -649,7 +648,7 @@ class PerJob(AbstractCluster):
             at = (jnp.maximum(cls, 0), jnp.maximum(j, 0))
             arrival, output = self.law.jobs.arrival[at], self.law.jobs.output[at]
             values = {TPOT: (state.t - state.gpus.decode_first[g, slot]) / output, END_TO_END: state.t - arrival}
-            state = self._count_latencies(state, cls, j, values, do & (row >= 0))
+            state = self._count_latencies(state, cls, j, arrival, values, do & (row >= 0))
         state = self.gpu.remove_decode(state, row, cls, slot, do)
         do = do & (row >= 0) & (cls >= 0)
         gg = jnp.maximum(row, 0)

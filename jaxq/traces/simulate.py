@@ -141,8 +141,10 @@ def shuffled_jobs(trace: Trace, fit: TraceFit, replicas: int, seed: int = 0):
     """Per replica, the trace with each class's (prompt, output) pairs randomly permuted among that
     class's arrival times: the arrival times, the classes and the length pairs are the trace's, only
     which job comes when is lost (the lengths' order in time)."""
+    classes = [_class_jobs(trace, fit, j) for j in range(fit.num_classes)]
+
     def draw(rng, j):
-        t, p, d = _class_jobs(trace, fit, j)
+        t, p, d = classes[j]
         o = rng.permutation(len(t))
         return t, p[o], d[o]
 
@@ -162,8 +164,10 @@ def resampled_jobs(trace: Trace, fit: TraceFit, replicas: int, seed: int = 0, bi
         last = counts[:, -1] / (edges[-1] - edges[-2])
         counts = np.concatenate([counts, (last * (horizon - edges[-1]))[:, None]], axis=1)
         edges = np.append(edges, horizon)
+    classes = [_class_jobs(trace, fit, j) for j in range(fit.num_classes)]
+
     def draw(rng, j):
-        _, p, d = _class_jobs(trace, fit, j)
+        _, p, d = classes[j]
         m = rng.poisson(counts[j])
         t = np.concatenate([rng.uniform(lo, hi, c) for lo, hi, c in zip(edges[:-1], edges[1:], m)])
         pick = rng.integers(0, len(p), len(t))
@@ -323,7 +327,6 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
     here if None; pass it to reuse it across policies)."""
     import jaxq
     from ..lp import solve_bundled
-    from ..sim.general import TraceJobs
 
     horizon = float(trace.duration_s if horizon is None else horizon)
     warmup = WARMUP_FRACTION * horizon if warmup is None else float(warmup)
@@ -340,10 +343,8 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
         # tokens) is the trace's for all, so the four share one compiled program
         # (arrivals come from the jobs: the rate schedule is left out, as its pytree would be a second program)
         sc = scenario if model == "markov" else driven.replace(arrivals=None)
-        jobs = traffic[model]
-        jobs = [jobs] * replicas if isinstance(jobs, TraceJobs) else jobs
         res = jaxq.run(sc, policy, replicas=replicas, horizon=horizon, warmup=warmup, seed=seed,
-                       engine="general", service=law, replay=jobs, room=room)
+                       engine="general", service=law, replay=traffic[model], room=room)
         out[model] = {m: _stat(v) for m, v in table_metrics(res.metrics, sc).items()}
         out[model] |= {m: _stat(v) for m, v in job_latencies(res.state).items()}
         status[model] = res.status
@@ -353,10 +354,11 @@ def compare(trace: Trace, fit: TraceFit, scenario, policy: str, *, replicas: int
 
 def model_traffic(trace: Trace, fit: TraceFit, scenario, *, replicas: int = DEFAULT_REPLICAS,
                   horizon: float | None = None, bin_s: float = DEFAULT_BIN_S, seed: int = 0) -> dict:
-    """Each model's jobs: the trace's (one TraceJobs for every replica) for the replay, one generated
-    trace per replica for the others (:func:`shuffled_jobs`, :func:`resampled_jobs`, :func:`markov_jobs`)."""
+    """Each model's jobs, one TraceJobs per replica: the trace itself in every replica for the replay
+    (a list, so that the four models share one compiled program), one generated trace per replica for
+    the others (:func:`shuffled_jobs`, :func:`resampled_jobs`, :func:`markov_jobs`)."""
     horizon = float(trace.duration_s if horizon is None else horizon)
-    return {"replay": trace_jobs(trace, fit), "shuffled": shuffled_jobs(trace, fit, replicas, seed),
+    return {"replay": [trace_jobs(trace, fit)] * replicas, "shuffled": shuffled_jobs(trace, fit, replicas, seed),
             "trace": resampled_jobs(trace, fit, replicas, seed, bin_s, horizon),
             "markov": markov_jobs(scenario, replicas, horizon, seed)}
 
