@@ -15,6 +15,13 @@ import numpy as np
 _I32 = jnp.int32
 
 
+def per_class(cls, num):
+    """Counts per class of the entries of ``cls`` (-1 entries count for nothing): (num,), int32.
+    Engines and bulk rules count a step's jobs with this one formula, so that XLA merges the
+    repeated counts of the same array (common subexpressions) instead of streaming it again."""
+    return jnp.sum(cls[None, :] == jnp.arange(num)[:, None], axis=1, dtype=_I32)
+
+
 def prefix_sum(x):
     """Inclusive prefix sum along the last axis. XLA:CPU's cumsum costs ~9 elementwise passes; the
     parallel scan about half that (measured: 0.9 vs 0.44 ms for 256 x 500 int32)."""

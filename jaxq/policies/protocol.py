@@ -95,6 +95,13 @@ class AbstractAdmission(eqx.Module):
         the gate chose them (-1 after the last); returns the prefills started per class and GPU, at
         most one per GPU with ``view.idle_prefill``."""
 
+    #: True when the bulk placement depends only on how many jobs of each class were admitted, not on
+    #: the order the gate chose them in. Such an admission also defines
+    #: ``place_counts(key, view, targets, counts)``: ``place_bulk`` from the counts per class (I,).
+    #: The time-stepped engine then calls it and does not record the gate's order (an (n,) array
+    #: that its admission loop would otherwise carry, and copy, at every admission).
+    places_by_count: ClassVar[bool] = False
+
 
 class AbstractRouter(eqx.Module):
     """Decode placement: a GPU for each job that needs a decode slot, or a decode buffer to wait in."""

@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .bulk import allocate, count_draw, place
+from .bulk import allocate, count_draw, per_class, place
 from .choice import choice_from_uniform, fcfs_class, lexicographic_argmin, uniform_choice
 from .protocol import (
     PREFILL_FIRST,
@@ -37,11 +37,6 @@ from .protocol import (
 from .view import MIXED, SOLO, PolicyTargets, View
 
 _I32 = jnp.int32
-
-
-def _per_class(cls, num):
-    """Counts per class of the entries of ``cls`` (-1 entries count for nothing): (num,)."""
-    return jnp.sum(cls[None, :] == jnp.arange(num)[:, None], axis=1, dtype=_I32)
 
 
 # -- gates -----------------------------------------------------------------------------------------
@@ -70,11 +65,15 @@ class AbstractUniformAdmission(AbstractAdmission):
     def prefill_gpu(self, key, view, targets, cls):
         return uniform_choice(key, view.idle_prefill, view.weight)
 
+    places_by_count: ClassVar[bool] = True
+
     def place_bulk(self, key, view, targets, classes):
+        return self.place_counts(key, view, targets, per_class(classes, view.X.shape[0]))
+
+    def place_counts(self, key, view, targets, counts):
         idle = view.idle_prefill.astype(_I32)
-        counts = _per_class(classes, view.X.shape[0])
         return place(jax.random.uniform(key, (1,)), counts[None, :], idle, [jnp.ones_like(view.idle_prefill)],
-                     [jnp.sum(idle)], [0])
+                     [jnp.sum(idle, dtype=_I32)], [0])
 
 
 class OccupancyGate(AbstractUniformAdmission):
@@ -137,7 +136,7 @@ def _join_buffer(view: View, finished) -> Bulk:
     """Bulk routing of a step's finished prefills into buffer 0; the drain then places them with the
     jobs already waiting (a step's completions and the buffer compete in random order)."""
     num = view.X.shape[0]
-    done = _per_class(finished, num)
+    done = per_class(finished, num)
     return Bulk(decodes=jnp.zeros((num, finished.shape[0]), _I32),
                 buffers=done[None, :], lost=jnp.zeros((num,), _I32))
 
@@ -147,7 +146,7 @@ def _drain_groups(u, view: View, masks, offsets):
     moved are drawn from the buffer in proportion to its class counts (random order of service across
     classes) and split between groups in proportion too. ``u``: 2 x len(masks) + 1 uniforms."""
     free = jnp.maximum(view.free_decode, 0)
-    room = [jnp.sum(jnp.where(mk, free, 0)) for mk in masks]
+    room = [jnp.sum(jnp.where(mk, free, 0), dtype=_I32) for mk in masks]
     k = jnp.minimum(jnp.sum(view.q_d[0]), sum(room))
     remaining = allocate(u[0], view.q_d[0], k)
     blocks = []
@@ -188,7 +187,7 @@ class GreedyRouter(_FCFSBuffers):
     def drain_bulk(self, key, view, targets):
         free = jnp.maximum(view.free_decode, 0)
         mixed = view.group == MIXED
-        offsets = [jnp.sum(jnp.where(mixed, free, 0)), 0]  # G_solo's slots come after all of G_mix's
+        offsets = [jnp.sum(jnp.where(mixed, free, 0), dtype=_I32), 0]  # G_solo's slots come after all of G_mix's
         return _drain_groups(jax.random.uniform(key, (5,)), view, [view.group == SOLO, mixed], offsets)
 
 
@@ -232,7 +231,7 @@ class SplitRouter(AbstractRouter):
 
     def route_bulk(self, key, view, targets, finished):
         num = view.X.shape[0]
-        done = _per_class(finished, num)
+        done = per_class(finished, num)
         u = jax.random.uniform(key, (num,))
         to_solo = count_draw(u, done * targets.p_solo.astype(u.dtype), done)
         return Bulk(decodes=jnp.zeros((num, finished.shape[0]), _I32), buffers=jnp.stack([to_solo, done - to_solo]),
@@ -242,7 +241,7 @@ class SplitRouter(AbstractRouter):
         u = jax.random.uniform(key, (4,))
         free = jnp.maximum(view.free_decode, 0)
         masks = [view.group == SOLO, view.group == MIXED]
-        room = [jnp.sum(jnp.where(mk, free, 0)) for mk in masks]
+        room = [jnp.sum(jnp.where(mk, free, 0), dtype=_I32) for mk in masks]
         taken = jnp.stack([allocate(u[b], view.q_d[b], jnp.minimum(jnp.sum(view.q_d[b]), room[b])) for b in range(2)])
         add = place(u[2:], taken, free, masks, room, [room[1], 0])
         return Bulk(decodes=add, buffers=-taken, lost=jnp.zeros((taken.shape[1],), _I32))

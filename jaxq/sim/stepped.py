@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ..policies.bulk import allocate, count_draw, race
+from ..policies.bulk import allocate, count_draw, per_class, race
 from ..policies.protocol import ADMIT, DRAIN, ROUTE, Bulk, Policy
 from ..policies.view import MIXED, View
 from .core import AbstractEngine, Rows, capacity_flags, count, slots
@@ -160,8 +160,9 @@ def _two_uniforms(key, n, dtype):
 
 
 def _per_class(cls, mask, num):
-    """Per-class count of ``mask`` entries, ``cls`` giving each entry's class."""
-    return jnp.stack([jnp.sum((cls == c) & mask, dtype=_I32) for c in range(num)])
+    """Per-class count of ``mask`` entries, ``cls`` giving each entry's class (through the bulk rules'
+    formula, so that XLA merges it with theirs where they count the same jobs)."""
+    return per_class(jnp.where(mask, cls, -1), num)
 
 
 _TRACKED = 32  # per class, prefill completions per step whose finishing times are drawn
@@ -252,7 +253,7 @@ class SteppedEngine(AbstractEngine):
     def apply(self, state, bulk: Bulk, post):
         """Start a bulk decision's decodes, move its buffer counts, count its lost jobs."""
         state = eqx.tree_at(lambda s: (s.decodes, s.q_d), state, (state.decodes + bulk.decodes, state.q_d + bulk.buffers))
-        state = count(state, DECODE_STARTED, jnp.sum(bulk.decodes, axis=1), post)
+        state = count(state, DECODE_STARTED, jnp.sum(bulk.decodes, axis=1, dtype=_I32), post)
         state = count(state, LOST, bulk.lost, post)
         return eqx.tree_at(lambda s: s.status, state, state.status | jnp.where(jnp.any(bulk.lost > 0), OVERFLOW, 0))
 
@@ -316,7 +317,8 @@ class SteppedEngine(AbstractEngine):
         def body(carry):
             X, q_p, adm, k, t, c, order = carry
             one = (jnp.arange(num) == c).astype(_I32)
-            order = order.at[k].set(c)
+            if order is not None:
+                order = order.at[k].set(c)
             X, q_p, k = X + one, q_p - one, k + 1
             t = advance(k, t)
             return X, q_p, adm + one, k, t, pick(X, q_p, k, t), order
@@ -324,9 +326,16 @@ class SteppedEngine(AbstractEngine):
         zeros = jnp.zeros((num,), _I32)
         t0 = advance(jnp.int32(0), jnp.zeros((), dtype))
         c0 = pick(X0, state.q_p, jnp.int32(0), t0)
-        init = (X0, state.q_p, zeros, jnp.int32(0), t0, c0, jnp.full((n,), -1, _I32))
+        # the gate's order, only for a placement that reads it: under vmap the loop copies its whole
+        # carry every iteration, and an (n,) record would make each admission O(n)
+        by_count = admission.places_by_count
+        init = (X0, state.q_p, zeros, jnp.int32(0), t0, c0, None if by_count else jnp.full((n,), -1, _I32))
         _, q_p, adm, _, _, _, order = jax.lax.while_loop(cond, body, init)
-        got = admission.place_bulk(jax.random.fold_in(key, 2**23), self.view(key, params, state), params.targets, order)
+        k_place, view = jax.random.fold_in(key, 2**23), self.view(key, params, state)
+        if by_count:
+            got = admission.place_counts(k_place, view, params.targets, adm)
+        else:
+            got = admission.place_bulk(k_place, view, params.targets, order)
         # an idle GPU has one prefill slot: at most one class gets it
         prefill_class = state.prefill_class
         for c in range(num - 1, -1, -1):
@@ -381,8 +390,8 @@ class SteppedEngine(AbstractEngine):
         state = eqx.tree_at(lambda s: (s.prefill_class, s.decodes, s.q_d, s.q_p), state,
                             (jnp.where(prefill_done, -1, state.prefill_class), state.decodes - dec_done,
                              state.q_d - ab_d, queued))
-        for row, v in ((ARRIVED, arrivals), (ABANDON_PREFILL, ab_p + ab_new), (ABANDON_DECODE, jnp.sum(ab_d, axis=0)),
-                       (PREFILL_DONE, done_cls), (DECODE_DONE, jnp.sum(dec_done, axis=1))):
+        for row, v in ((ARRIVED, arrivals), (ABANDON_PREFILL, ab_p + ab_new), (ABANDON_DECODE, jnp.sum(ab_d, axis=0, dtype=_I32)),
+                       (PREFILL_DONE, done_cls), (DECODE_DONE, jnp.sum(dec_done, axis=1, dtype=_I32))):
             state = count(state, row, v, post)
 
         # -- decisions at the end of the step, in the policy's order ------------------------------
