@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from ..policies.choice import weighted_search
 from ..policies.protocol import ADMIT, DRAIN, ROUTE, Policy
 from ..policies.view import ANY, MIXED, SOLO, View
+from .lockstep import lockstep_while
 from .rooms import room_head_job, room_heads, room_pop, room_push, room_remove, room_width
 from .state import (
     ABANDON_DECODE,
@@ -548,8 +549,10 @@ class EventEngine(AbstractEngine):
         t_arrival = state.next_arrival[cls_arrival]
         is_arrival = t_arrival <= ev.t
         t_next = jnp.minimum(t_arrival, ev.t)
-        stop = t_next > seg_end
-        t_new = jnp.where(stop, seg_end, t_next)
+        # a replica that no longer runs is left exactly as it is (lockstep_while's precondition)
+        running = self.running(params, state, seg_end)
+        stop = (t_next > seg_end) | ~running
+        t_new = jnp.where(running, jnp.where(t_next > seg_end, seg_end, t_next), state.t)
         state = self.integrate(params, state, t_new)
         live = ~stop
         post = t_new >= params.warmup
@@ -580,13 +583,18 @@ class EventEngine(AbstractEngine):
         state = count_one(state, WAITED, cls_arrival, post, arrive & (state.q_p[cls_arrival] > waiting_before))
         bad = ~jnp.isfinite(t_next) & live
         return eqx.tree_at(lambda s: (s.step, s.status), state,
-                           (state.step + 1, state.status | jnp.where(bad, NONFINITE, 0)))
+                           (state.step + running.astype(state.step.dtype), state.status | jnp.where(bad, NONFINITE, 0)))
+
+    @staticmethod
+    def running(params, state, until):
+        """Whether a replica still has events to run before ``until``."""
+        return (state.t < until) & (state.step < params.max_steps) & (state.status & NONFINITE == 0)
 
     def advance(self, keys, params, state, until):
-        def cond(s):
-            return (s.t < until) & (s.step < params.max_steps) & (s.status & NONFINITE == 0)
-
-        return jax.lax.while_loop(cond, lambda s: self.step(keys, params, s, until), state)
+        # under vmap, a plain while_loop would select every carry leaf (the rooms too) per event
+        # (the engine travels in the loop's arguments: a replay's job tables are per replica)
+        return lockstep_while(lambda a, s: a[0].running(a[2], s, a[3]),
+                              lambda a, s: a[0].step(a[1], a[2], s, a[3]), (self, keys, params, jnp.asarray(until)), state)
 
     def finish(self, params, state):
         hit_max = (state.step >= params.max_steps) & (state.t < params.horizon)
