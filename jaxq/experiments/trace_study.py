@@ -101,6 +101,7 @@ def _lp_rows(prefix, scenario, trace, fit):
     R* at the rates of the window the simulations measure (after the warm-up): the bound on what they
     can earn there (the trace's rate in the window is not the hour's)."""
     from ..lp import solve_bundled
+    from ..sim.general import phase_speeds
     from ..traces.simulate import WARMUP_FRACTION
 
     sol = solve_bundled(scenario)
@@ -113,8 +114,6 @@ def _lp_rows(prefix, scenario, trace, fit):
     window = float(solve_bundled(scenario.replace(**{"classes.lam": lam_w.tolist()})).value)
     # the fluid plan's latency and abandonment, by Little's law on its queues: a job waits q_p,i / lam_i
     # on average, then prefills for P_i / (C / tau); theta_i q_p,i of lam_i abandon while waiting
-    from ..sim.general import phase_speeds
-
     prefill_speed = float(phase_speeds(scenario.params())[0])
     q_p, theta = np.asarray(sol.q_p, float), np.asarray(scenario.classes.theta, float)
     ttft = q_p / lam + np.asarray(scenario.classes.P, float) / prefill_speed

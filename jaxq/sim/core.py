@@ -551,8 +551,9 @@ class EventEngine(AbstractEngine):
         t_next = jnp.minimum(t_arrival, ev.t)
         # a replica that no longer runs is left exactly as it is (lockstep_while's precondition)
         running = self.running(params, state, seg_end)
-        stop = (t_next > seg_end) | ~running
-        t_new = jnp.where(running, jnp.where(t_next > seg_end, seg_end, t_next), state.t)
+        beyond = t_next > seg_end
+        stop = beyond | ~running
+        t_new = jnp.where(running, jnp.where(beyond, seg_end, t_next), state.t)
         state = self.integrate(params, state, t_new)
         live = ~stop
         post = t_new >= params.warmup
