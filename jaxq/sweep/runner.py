@@ -7,9 +7,11 @@ stacked :class:`SimParams`; the group is cut into equal chunks of at most ``max_
 replicas (the last chunk padded with copies of its last point, so every call has the same shape and
 nothing recompiles), which bounds memory.
 
-The replica axis is split over devices by :func:`jaxq.sim.batch.shard` (each device runs its own
-while-loop over its replicas with no communication). The replica count is padded up to a multiple of
-the device count; the padding replicas are extra keys of the same point, computed and dropped.
+One axis of a chunk is split over devices by :func:`jaxq.sim.batch.shard` (each device runs its own
+while-loop over its share with no communication): the replicas, padded up to a multiple of the device
+count (the padding replicas are extra keys of the same point, computed and dropped), or the points,
+padded the same way with copies of the chunk's last point, whichever computes fewer padding replicas
+(:func:`plan_chunks`; 10 points of 5 replicas on 2 devices: 50 replica runs by points, 60 by replicas).
 
 Keys are a function of the point alone (see :attr:`Point.stream`), so a point's numbers do not depend
 on its chunk, on resumption, or on the number of devices.
@@ -81,9 +83,10 @@ def replica_keys(points: Sequence[Point], num: int) -> np.ndarray:
 
 
 @functools.cache
-def _batched(engine: str, dt: float | None, spec: SimSpec, policy_name: str, devices: tuple):
+def _batched(engine: str, dt: float | None, spec: SimSpec, policy_name: str, devices: tuple, by_points: bool = False):
     """The jitted group function: (key data (P, R, ...), stacked params (P, ...)) -> final-state fields
-    (P, R, ...). Replicas split over the devices; points and each device's replicas are vmapped."""
+    (P, R, ...). Replicas (``by_points``: points) split over the devices; each device vmaps its points
+    and replicas."""
     single = runner(engine, spec, get_policy(policy_name), dt=dt)
 
     def one(key_data, params):
@@ -95,6 +98,8 @@ def _batched(engine: str, dt: float | None, spec: SimSpec, policy_name: str, dev
         TRACE_COUNT += 1  # trace-time side effect: counts compiles, not calls
         return jax.vmap(jax.vmap(one, in_axes=(0, None)))(key_data, params)
 
+    if by_points:
+        return shard(local, devices, (P(AXIS), P(AXIS)), P(AXIS))
     return shard(local, devices, (P(None, AXIS), P()), P(None, AXIS))
 
 
@@ -118,19 +123,38 @@ def _groups(points: Sequence[Point]) -> list[list[Point]]:
     return list(groups.values())
 
 
-def plan_chunks(points: Sequence[Point], max_batch: int, num_devices: int) -> list[tuple[list[Point], int, int]]:
-    """[(chunk points, padded chunk size, padded replicas)]: groups cut into equal chunks with at most
-    ``max_batch`` points x padded replicas each (at least one point per chunk)."""
+def _cut(num: int, per_call: int, multiple: int) -> tuple[int, int]:
+    """(number of chunks, padded chunk size) for ``num`` points at most ``per_call`` per chunk (a
+    multiple of ``multiple``): equal chunks, the least padding."""
+    num_chunks = -(-num // per_call)
+    return num_chunks, padded(-(-num // num_chunks), multiple)
+
+
+def plan_chunks(points: Sequence[Point], max_batch: int,
+                num_devices: int) -> list[tuple[list[Point], int, int, bool]]:
+    """[(chunk points, padded chunk size, padded replicas, split by points)]: groups cut into equal
+    chunks with at most ``max_batch`` points x padded replicas each (at least one point per chunk).
+
+    A chunk's replicas are split over the devices (replicas padded to a multiple of the device count),
+    unless splitting its points computes fewer replica runs in all (points padded to a multiple of it
+    with copies of the last point) within the same ``max_batch``. Either way a point's numbers are the
+    same: its keys depend on the point alone and each replica is computed alone."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise ValueError(f"invalid field 'max_batch': must be an integer >= 1, got {max_batch!r}")
     out = []
     for members in _groups(points):
-        r_pad = padded(members[0].settings["replicas"], num_devices)
-        per_call = max(1, max_batch // r_pad)
-        num_chunks = -(-len(members) // per_call)
-        size = -(-len(members) // num_chunks)  # equal chunks: the least padding
+        replicas = members[0].settings["replicas"]
+        r_pad = padded(replicas, num_devices)
+        num_chunks, size = _cut(len(members), max(1, max_batch // r_pad), 1)
+        by_points = False
+        per_call = max_batch // replicas // num_devices * num_devices
+        if num_devices > 1 and per_call >= num_devices:
+            chunks_p, size_p = _cut(len(members), per_call, num_devices)
+            if chunks_p * size_p * replicas < num_chunks * size * r_pad:
+                num_chunks, size, r_pad, by_points = chunks_p, size_p, replicas, True
+        step = -(-len(members) // num_chunks)
         for c in range(num_chunks):
-            out.append((members[c * size:(c + 1) * size], size, r_pad))
+            out.append((members[c * step:(c + 1) * step], size, r_pad, by_points))
     return out
 
 
@@ -176,17 +200,18 @@ def run_points(points: Sequence[Point], *, max_batch: int = DEFAULT_MAX_BATCH, d
     preflight(points, max_batch)
     devices = list(jax.devices() if devices is None else devices)
     grid_mesh = mesh(devices)
-    key_sharding, param_sharding = NamedSharding(grid_mesh, P(None, AXIS)), NamedSharding(grid_mesh, P())
     lp_cache: dict[tuple, object] = {}
     results: dict[int, PointResult] = {}  # by id(point): any list of points, even from several grids
     chunks = plan_chunks(points, max_batch, len(devices))
-    for index, (chunk, size, r_pad) in enumerate(chunks):
+    for index, (chunk, size, r_pad, by_points) in enumerate(chunks):
         if on_start is not None:
             on_start(index, len(chunks), len(chunk))
         t0 = time.perf_counter()
         s = chunk[0].settings
         policy = get_policy(s["policy"])
-        fn = _batched(s["engine"], s["dt"], _spec(chunk[0]), s["policy"], tuple(devices))
+        fn = _batched(s["engine"], s["dt"], _spec(chunk[0]), s["policy"], tuple(devices), by_points)
+        key_sharding = NamedSharding(grid_mesh, P(AXIS) if by_points else P(None, AXIS))
+        param_sharding = NamedSharding(grid_mesh, P(AXIS) if by_points else P())
         built = []
         for p in chunk:
             # the LP depends on the scenario and the policy's objective only: share it across horizons, seeds

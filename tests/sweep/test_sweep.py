@@ -177,6 +177,27 @@ def test_chunking_padding_and_one_device_give_identical_replicas(hundred):
         assert a.events == b.events > 0
 
 
+def test_chunks_split_points_when_that_pads_less_with_identical_replicas(hundred):
+    grid, results, _ = hundred
+    plan = lambda pts, mb, d: [c[1:] for c in sweep_runner.plan_chunks(pts, mb, d)]  # noqa: E731
+    # 100 points x 3 replicas on 4 devices: by points 300 runs, by replicas (3 -> 4) 400
+    assert plan(grid.points, 400, 4) == [(100, 3, True)]
+    assert plan(grid.points, 400, 1) == [(100, 3, False)]  # one device: nothing to split
+    # 10 points: 12 x 3 = 36 runs by points, 10 x 4 = 40 by replicas; a tie (3 points: 12 = 12) keeps replicas
+    assert plan(grid.points[:10], 400, 4) == [(12, 3, True)]
+    assert plan(grid.points[:3], 400, 4) == [(3, 4, False)]
+    # max_batch bounds a chunk either way: 40 per call -> chunks of 12 points (36 runs), padded to 4
+    assert plan(grid.points[:24], 40, 4) == [(12, 3, True)] * 2
+    assert plan(grid.points[:5], 8, 4) == [(2, 4, False)] * 3  # fewer than 4 points fit: by replicas
+    # the hundred fixture ran by points; the same points by replicas give the same bits
+    picked = [grid.points[k] for k in (3, 50, 97)]
+    assert plan(picked, 12, 4) == [(3, 4, False)]
+    for a, p in zip(run_points(picked, max_batch=12), picked):
+        b = results[p.index]
+        for f in FIELDS:
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
 # -- outputs, resume ------------------------------------------------------------------------------------
 
 def test_resume_equals_uninterrupted_and_partial_never_complete(tmp_path, hundred):
