@@ -98,6 +98,9 @@ class BenchConfig:
     step_cost: bool = True  # compile one step for the bandwidth bound (else: the whole loop's cost / R)
     bandwidth_mb: int = 256  # numpy copy size for the CPU bandwidth measurement
     seed: int = 0
+    # devices to split replicas over, as jaxq.run and the sweeps do (None: every local device; on a CPU
+    # the jaxq command makes one per core); the engines at R = scale_replicas also run on one device
+    devices: int | None = None
 
 
 PRESETS = {
@@ -287,6 +290,30 @@ def available_engines(requested) -> tuple[list[str], dict]:
     return ok, notes
 
 
+def split_devices(num: int | None, replicas: int) -> tuple:
+    """The local devices a batch of ``replicas`` is split over: the first ``num`` (None: all), fewer
+    where they do not divide the replicas (the largest count that does; 1 replica: one device)."""
+    devices = jax.local_devices()
+    if num is not None:
+        if not (isinstance(num, int) and 1 <= num <= len(devices)):
+            raise ValueError(f"invalid field 'devices': must be an integer in 1..{len(devices)}, got {num!r}")
+        devices = devices[:num]
+    d = len(devices)
+    while replicas % d:
+        d -= 1
+    return tuple(devices[:d])
+
+
+def sharded_jit(fn, devices):
+    """``jax.jit`` of ``fn`` (keys (R, ...), shared arguments...) with the replicas split over
+    ``devices`` (:func:`jaxq.sim.batch.shard`, as the library's own runs do)."""
+    from jax.sharding import PartitionSpec as P
+
+    from ..sim.batch import AXIS, shard
+
+    return shard(fn, devices, (P(AXIS), P()), P(AXIS))
+
+
 def count_events(state, rows=EVENT_ROWS) -> float:
     totals = np.asarray(state.totals)  # (R, C, I)
     idx = [COUNTER_NAMES.index(r) for r in rows]
@@ -296,8 +323,10 @@ def count_events(state, rows=EVENT_ROWS) -> float:
 class EngineCase:
     """One compiled batched simulator: engine x scenario x n x replicas (x room, policy)."""
 
-    def __init__(self, engine, scenario, policy_name, n, replicas, room, seed=0, dt=None, lp=None, repeats=1):
+    def __init__(self, engine, scenario, policy_name, n, replicas, room, seed=0, dt=None, lp=None, repeats=1,
+                 devices=None):
         self.engine, self.scenario, self.n, self.replicas = engine, scenario, n, replicas
+        self.devices = split_devices(devices, replicas)
         self.repeats = repeats  # each timing is the best of this many calls
         self.policy = get_policy(policy_name)
         self.spec = engine_spec(engine, scenario, n, room)
@@ -317,7 +346,7 @@ class EngineCase:
             if hasattr(stepped, "check_dt"):
                 stepped.check_dt(model, self.dt)
         single = runner(engine, self.spec, self.policy, dt=self.dt)
-        self.fn = jax.jit(lambda keys, params: jax.vmap(lambda k: single(k, params)[0])(keys))
+        self.fn = sharded_jit(lambda keys, params: jax.vmap(lambda k: single(k, params)[0])(keys), self.devices)
         params = self.params(1e-3)
         t0 = time.perf_counter()
         lowered = self.fn.lower(self.keys, params)
@@ -345,7 +374,7 @@ class EngineCase:
     def row(self, horizon, run_s, state, reps=1, label=None) -> dict:
         events = count_events(state)
         row = {"engine": self.engine, "case": label or self.scenario.name, "n": self.n, "replicas": self.replicas,
-               "horizon_s": horizon, "events": events, "lower_s": self.lower_s, "compile_s": self.compile_s,
+               "devices": len(self.devices), "horizon_s": horizon, "events": events, "lower_s": self.lower_s, "compile_s": self.compile_s,
                "run_s": run_s, "reps": reps, "events_per_s": events / run_s,
                "us_per_event": 1e6 * run_s / events if events else None,
                "status_bad": int(np.sum(np.asarray(state.status) != 0))}
@@ -419,15 +448,16 @@ def step_profile(case: EngineCase) -> dict | None:
 
 
 # -- peers ---------------------------------------------------------------------------------------
-def chain_run(c, lam, mu, theta, replicas, target_s, seed=0) -> dict:
+def chain_run(c, lam, mu, theta, replicas, target_s, seed=0, devices=None) -> dict:
     """The simplest exact JAX chain (:mod:`jaxq.benchmarks.chain`) on M/M/c+M, its number of steps sized
-    by a pilot call to take about ``target_s`` seconds."""
+    by a pilot call to take about ``target_s`` seconds; replicas split over ``devices`` like the engines'."""
     from .chain import simplest_chain
 
-    pilot = simplest_chain(c, lam, mu, theta, replicas, 2_000, seed)
+    devices = split_devices(devices, replicas)
+    pilot = simplest_chain(c, lam, mu, theta, replicas, 2_000, seed, devices=devices)
     steps = int(min(max(2_000, 2_000 * target_s / max(pilot.run_s, 1e-6)), 5e8 / replicas))
-    r = simplest_chain(c, lam, mu, theta, replicas, steps, seed)
-    return {**dataclasses.asdict(r), "z_queue": r.z_queue, "z_abandon": r.z_abandon}
+    r = simplest_chain(c, lam, mu, theta, replicas, steps, seed, devices=devices)
+    return {**dataclasses.asdict(r), "z_queue": r.z_queue, "z_abandon": r.z_abandon, "devices": len(devices)}
 
 
 def ciw_run(c, lam, mu, theta, horizon, seed=0) -> dict:
@@ -537,7 +567,7 @@ def run_bench(cfg: BenchConfig = PRESETS["full"], out: str | Path | None = None,
     engines, notes = available_engines(cfg.engines)
     record = {"schema": SCHEMA, "date": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
               "mode": cfg.mode, "config": dataclasses.asdict(cfg), "machine": info, "engines": notes,
-              "canonical": [], "scaling": {"replicas": {}, "n": {}, "horizon": {}}, "peers": {},
+              "canonical": [], "canonical_one_device": [], "scaling": {"replicas": {}, "n": {}, "horizon": {}}, "peers": {},
               "mmc_engine": [], "chain": [], "ratios": [], "bandwidth": [], "step_profile": [],
               "errors": {}}
     log(f"jaxq bench ({cfg.mode}) on {info['platform']}:{info['device_kind']} x{info['num_devices']}, "
@@ -548,12 +578,13 @@ def run_bench(cfg: BenchConfig = PRESETS["full"], out: str | Path | None = None,
     canonical = jaxq.load_scenario("canonical")
     lp_cache = {}
 
-    def case(engine, scenario, n, R, room, policy=cfg.policy):
+    def case(engine, scenario, n, R, room, policy=cfg.policy, devices=cfg.devices):
         key = (scenario.name, n, policy)
         if key not in lp_cache:
             pol = get_policy(policy)
             lp_cache[key] = solve_lp(scenario.replace(**{"cluster.n": n}), pol.planning)
-        return EngineCase(engine, scenario, policy, n, R, room, cfg.seed, cfg.stepped_dt, lp_cache[key], cfg.repeats)
+        return EngineCase(engine, scenario, policy, n, R, room, cfg.seed, cfg.stepped_dt, lp_cache[key], cfg.repeats,
+                          devices)
 
     h0 = 1e-3 if cfg.mode != "tiny" else 0.05
     for engine in engines:
@@ -591,6 +622,14 @@ def _engine_sections(cfg, engine, canonical, case, record, h0, log):
         by_R[R] = (c, row)
         record["canonical"].append(row)
         _print_row(row, f"R = {R}")
+
+    # the same engine on one device, beside the split run (like for like with a one-device machine)
+    Rf = cfg.scale_replicas
+    if Rf in by_R and by_R[Rf][1]["devices"] > 1:
+        row = case(engine, canonical, n, Rf, _room(n), devices=1).calibrated(cfg.target_s, h0, cfg.min_call_s,
+                                                                          h_min=cfg.min_horizon[0])
+        record["canonical_one_device"].append(row)
+        _print_row(row, f"R = {Rf}, one device")
 
     # the compiled step itself: kernels, loops, bytes per replica-step (so a change's effect is measured)
     R_prof = cfg.scale_replicas if cfg.scale_replicas in by_R else max(by_R)
@@ -692,7 +731,7 @@ def _peer_sections(cfg, engines, case, record, h0, log):
         log(f"  {name} {r['version']}: {r['events']} events in {r['run_s']:.2f} s (horizon {r['horizon_s']:.3g} s) "
             f"-> {r['events_per_s']:.3g} events/s")
     for R in cfg.mmc_replicas:
-        r = chain_run(c, lam, 1.0, theta, R, cfg.target_s, cfg.seed)
+        r = chain_run(c, lam, 1.0, theta, R, cfg.target_s, cfg.seed, cfg.devices)
         record["chain"].append(r)
         log(f"  simplest JAX chain R = {R}: compile {r['compile_s']:.2f} s, run {r['run_s']:.3f} s, "
             f"{r['events']:.3g} events -> {r['events_per_s']:.3g} events/s; Erlang A check: queue "
@@ -759,9 +798,13 @@ def format_summary(record) -> str:
         lines.append(f"{what:<48}{_fmt(eps):>10}{_fmt(us):>10}{_fmt(comp, '.1f'):>10}{_fmt(run, '.2f'):>8}"
                      f"{_fmt(hor):>10}")
 
-    for r in record["canonical"]:
-        line(f"{_eng_label(r)}, canonical n={r['n']}, R={r['replicas']}", r["events_per_s"], r["us_per_event"],
-             r["lower_s"] + r["compile_s"], r["run_s"], r["horizon_s"])
+    def _on(r):
+        return f", {r['devices']} dev" if r.get("devices", 1) > 1 or r in one else ""
+
+    one = record.get("canonical_one_device", [])
+    for r in record["canonical"] + one:
+        line(f"{_eng_label(r)}, canonical n={r['n']}, R={r['replicas']}{_on(r)}", r["events_per_s"],
+             r["us_per_event"], r["lower_s"] + r["compile_s"], r["run_s"], r["horizon_s"])
     for eng, s in record["scaling"]["n"].items():
         for r in s["rows"]:
             if r["n"] != record["config"]["n"]:
@@ -785,10 +828,10 @@ def format_summary(record) -> str:
         elif r:
             lines.append(f"{name}: {r.get('skipped')}")
     for r in record.get("chain", []):
-        line(f"simplest JAX chain, M/M/{c}+M, R={r['replicas']}", r["events_per_s"], 1e6 / r["events_per_s"],
+        line(f"simplest JAX chain, M/M/{c}+M, R={r['replicas']}{_on(r)}", r["events_per_s"], 1e6 / r["events_per_s"],
              r["compile_s"], r["run_s"], None)
     for r in record["mmc_engine"]:
-        line(f"{_eng_label(r)}, M/M/{c}+M, R={r['replicas']}, arr+dep", r["mmc_events_per_s"],
+        line(f"{_eng_label(r)}, M/M/{c}+M, R={r['replicas']}{_on(r)}, arr+dep", r["mmc_events_per_s"],
              1e6 / r["mmc_events_per_s"], r["lower_s"] + r["compile_s"], r["run_s"], r["horizon_s"])
     with_ratios = [q for q in record["ratios"] if any(k.startswith("vs_") for k in q)]
     if with_ratios:  # none without the peers and the chain: no empty line
@@ -845,11 +888,13 @@ def add_arguments(parser):
     parser.add_argument("--target-s", type=float, default=None, help="wall seconds per timed call (default 3)")
     parser.add_argument("--no-peers", action="store_true", help="skip Ciw, SimPy and the reference simulator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=None,
+                        help="split replicas over this many local devices (default all; the jaxq command makes one per CPU core)")
 
 
 def config_from_args(args) -> BenchConfig:
     cfg = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
-    changes = {"seed": args.seed, "stepped_dt": args.dt}
+    changes = {"seed": args.seed, "stepped_dt": args.dt, "devices": args.devices}
     for field, value in (("engines", args.engines and tuple(args.engines.split(","))), ("replicas", args.replicas),
                          ("scale_n", args.n_list), ("horizon_mults", args.horizon_mults),
                          ("target_s", args.target_s)):

@@ -75,14 +75,23 @@ def _one_replica(key, c: int, lam: float, mu: float, theta: float, steps: int, w
 
 
 def simplest_chain(c: int, lam: float, mu: float, theta: float, replicas: int, steps: int, seed: int = 0,
-                   warmup_fraction: float = 0.25) -> ChainResult:
-    """Compile (AOT, timed apart) and run the chain on ``replicas`` replicas for ``steps`` events each."""
+                   warmup_fraction: float = 0.25, devices=None) -> ChainResult:
+    """Compile (AOT, timed apart) and run the chain on ``replicas`` replicas for ``steps`` events each,
+    split over ``devices`` (default: one), as the bench splits the engines' replicas."""
     from ..testing.closed_forms import erlang_a
 
     if theta <= 0 and not lam < c * mu:
         raise ValueError(f"invalid chain: lam={lam} >= c*mu={c * mu} without abandonment is unstable")
     warmup = int(steps * warmup_fraction)
-    fn = jax.jit(jax.vmap(lambda k: _one_replica(k, c, lam, mu, theta, steps, warmup)))
+    local = jax.vmap(lambda k: _one_replica(k, c, lam, mu, theta, steps, warmup))
+    if devices is None:
+        fn = jax.jit(local)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        from ..sim.batch import AXIS, shard
+
+        fn = shard(local, devices, (P(AXIS),), P(AXIS))  # one device: plain jit
     keys = jax.random.split(jax.random.key(seed), replicas)
     t0 = time.perf_counter()
     compiled = fn.lower(keys).compile()

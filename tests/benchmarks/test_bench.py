@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from jaxq.benchmarks import PRESETS
@@ -61,6 +62,11 @@ def test_engine_sections(record):
         assert r["events"] > 0 and r["steps"] >= r["events"] and 0 < r["loop_efficiency"] <= 1
         for key in ("events_per_s", "us_per_event", "run_s", "compile_s", "horizon_s"):
             assert _rate(r[key]), (key, r[key])
+    # replicas split over the host devices as the library's runs do (tests/conftest.py: 4), and the
+    # same case again on one device
+    assert all(r["devices"] == 2 for r in rows)
+    (one,) = record["canonical_one_device"]
+    assert one["devices"] == 1 and one["replicas"] == rows[0]["replicas"] and _rate(one["events_per_s"])
     for dim in ("replicas", "n", "horizon"):
         assert "exact" in record["scaling"][dim]
     assert all(_rate(r["events_per_s"]) for r in record["scaling"]["horizon"]["exact"]["rows"])
@@ -77,6 +83,7 @@ def test_engine_sections(record):
 def test_chain_yardstick(record):
     (chain,) = record["chain"]
     assert chain["replicas"] == PRESETS["tiny"].mmc_replicas[0] and _rate(chain["events_per_s"])
+    assert chain["devices"] == 2  # split like the engines it is the yardstick of
     (ratio,) = [q for q in record["ratios"] if q["engine"] == "exact"]
     assert _rate(ratio["vs_chain"])
 
@@ -89,6 +96,10 @@ def test_chain_agrees_with_erlang_a():
     r = simplest_chain(c=5, lam=5.0, mu=1.0, theta=0.5, replicas=256, steps=6_000, seed=1)
     assert abs(r.z_queue) < 4 and abs(r.z_abandon) < 4, r
     assert r.mean_queue > 10 * r.mean_queue_se
+    # split over 4 devices: the same replicas, so the same numbers
+    split = simplest_chain(c=5, lam=5.0, mu=1.0, theta=0.5, replicas=256, steps=6_000, seed=1,
+                           devices=tuple(jax.devices()[:4]))
+    assert (split.mean_queue, split.p_abandon) == (r.mean_queue, r.p_abandon)
 
 
 def test_reference_and_engine_on_mmc(record):
