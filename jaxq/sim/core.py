@@ -36,6 +36,7 @@ flagging ``CAPACITY_VIOLATED``) rather than trusted. Updates are masked rather t
 
 
 import abc
+import functools
 
 import equinox as eqx
 from equinox import AbstractVar
@@ -46,7 +47,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from ..policies.choice import weighted_search
 from ..policies.protocol import ADMIT, DRAIN, ROUTE, Policy
 from ..policies.view import ANY, MIXED, SOLO, View
-from .lockstep import lockstep_while
+from .lockstep import lockstep_while, skip_unless
 from .rooms import room_head_job, room_heads, room_pop, room_push, room_remove, room_width
 from .state import (
     ABANDON_DECODE,
@@ -178,7 +179,11 @@ class EventState(eqx.Module):
     queue: Float[Array, "I K"]  # entry times of waiting prefill jobs
     queue_start: Int[Array, " I"]
     q_p: Int[Array, " I"]  # waiting prefill jobs per class
-    buffers: Float[Array, "NB I K"]  # entry times of waiting decodes
+    # entry times of waiting decodes, buffer b's class-c room in row b x I + c: stored flat, because
+    # XLA gave an (NB, I, K) family with NB = 1 another layout than the step's (I, K) view of it and
+    # copied the whole family twice per event (the copies cost as much as the rest of the step at the
+    # default room of 3,189 cells)
+    buffers: Float[Array, "NBI K"]
     buffer_start: Int[Array, "NB I"]
     q_d: Int[Array, "NB I"]
     next_arrival: Float[Array, " I"]  # absolute time of each class's next arrival (own random stream)
@@ -190,7 +195,7 @@ class EventState(eqx.Module):
     status: Int[Array, ""]
     # a trace replay's job index in each waiting-room cell (jaxq.sim.rooms, "Job indices"); else None
     queue_job: Int[Array, "I K"] | None = None
-    buffers_job: Int[Array, "NB I K"] | None = None
+    buffers_job: Int[Array, "NBI K"] | None = None
 
 
 def _job_kw(job, **more):
@@ -337,6 +342,11 @@ def count_one(state, row, cls, post, do):
                        (_bump(state.counts, row, cls, do & post), _bump(state.totals, row, cls, do)))
 
 
+def _drain_one(b, consts, state):
+    engine, key, params, post, live = consts
+    return engine.drain_one(key, params, state, post, live, b)
+
+
 class EventEngine(AbstractEngine):
     """The exact event-by-event engine over a given cluster (see the module docstring)."""
 
@@ -367,12 +377,12 @@ class EventEngine(AbstractEngine):
             X=jnp.zeros((num,), _I32), Y_speed=jnp.zeros((2, num), _I32), Y_pre=jnp.zeros((num,), _I32),
             Y_mixgroup=jnp.zeros((num,), _I32),
             queue=jnp.full((num, K), jnp.inf), queue_start=jnp.zeros((num,), _I32), q_p=jnp.zeros((num,), _I32),
-            buffers=jnp.full((nb, num, K), jnp.inf), buffer_start=jnp.zeros((nb, num), _I32),
+            buffers=jnp.full((nb * num, K), jnp.inf), buffer_start=jnp.zeros((nb, num), _I32),
             q_d=jnp.zeros((nb, num), _I32),
             next_arrival=first_arrivals, counts=zeros, integrals=jnp.zeros((6, num)),
             totals=zeros, status=jnp.zeros((), _I32),
             queue_job=None if jobs is None else jnp.full((num, K), -1, _I32),
-            buffers_job=None if jobs is None else jnp.full((nb, num, K), -1, _I32),
+            buffers_job=None if jobs is None else jnp.full((nb * num, K), -1, _I32),
         )
         return (class_keys, jax.random.split(service_key, len(STEP_ROLES))), state
 
@@ -458,22 +468,29 @@ class EventEngine(AbstractEngine):
         return self.lose(state, pending_cls, post, lost)
 
     def drain(self, key, params, state, post, live):
-        """Each buffer's head takes a free decode slot if the router places it."""
-        router = self.policy.router
+        """Each buffer's head takes a free decode slot if the router places it. Batched, a buffer's
+        drain runs only in the steps where some replica has a job in that buffer (a drain of an empty
+        buffer changes nothing: its head is no class)."""
         for b in range(self.policy.num_buffers):
-            v = self.view(params, state)
-            cls = router.buffer_head(v, b)
             k_b = key if b == 0 else jax.random.fold_in(key, b)
-            gpu, _ = router.route(k_b, v, params.targets, cls, jnp.int32(b), jnp.int32(-1))
-            do = live & (cls >= 0) & (gpu >= 0)
-            row = self.buffer_row(b, cls)
-            job, first = None, None
-            if state.buffers_job is not None:  # a replay: the job, and its first token's time (its entry)
-                job = room_head_job(state, "buffers", row)
-                first = room_heads(state, "buffers")[b, jnp.maximum(cls, 0)]
-            state = room_pop(state, "buffers", row, do)
-            state = self.add_decode(state, gpu, cls, post, do, job=job, first=first)
+            waiting = live & jnp.any(state.q_d[b] > 0)
+            state = skip_unless(waiting, functools.partial(_drain_one, b), (self, k_b, params, post, live), state)
         return state
+
+    def drain_one(self, key, params, state, post, live, b):
+        router = self.policy.router
+        v = self.view(params, state)
+        cls = router.buffer_head(v, b)
+        gpu, _ = router.route(key, v, params.targets, cls, jnp.int32(b), jnp.int32(-1))
+        # (a head of an empty room takes nothing: the drain is then a no-op, which skip_unless needs)
+        do = live & (cls >= 0) & (gpu >= 0) & (state.q_d[b, jnp.maximum(cls, 0)] > 0)
+        row = self.buffer_row(b, cls)
+        job, first = None, None
+        if state.buffers_job is not None:  # a replay: the job, and its first token's time (its entry)
+            job = room_head_job(state, "buffers", row)
+            first = room_heads(state, "buffers")[b, jnp.maximum(cls, 0)]
+        state = room_pop(state, "buffers", row, do)
+        return self.add_decode(state, gpu, cls, post, do, job=job, first=first)
 
     def decide(self, keys, params, state, pending_cls, pending_row, post, live, pending_job=None):
         """Apply the policy's decisions after an event, in its order; ``keys`` are the step's keys for

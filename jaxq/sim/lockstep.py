@@ -45,3 +45,33 @@ def lockstep_while(cond, body, args, state):
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return loop(args, state)
+
+
+def skip_unless(pred, fn, consts, state):
+    """``fn(consts, state)`` where ``pred`` holds, ``state`` itself otherwise; batched, ``fn`` runs (for
+    the whole batch) only if some replica's ``pred`` holds.
+
+    Precondition (the caller's): ``fn(consts, state)`` returns ``state`` unchanged, bit for bit,
+    whenever ``pred`` is false (``fn`` masks its own update with a flag it finds in its arguments), and
+    ``fn`` closes over no traced values (pass them in ``consts``, which it only reads). Under ``vmap``
+    a ``lax.cond`` on a per-replica predicate becomes a select that runs both branches for every
+    replica; this rule branches once on ``any(pred)`` instead, so a rare O(room) or O(n) update (an
+    abandonment's shift of a waiting room, a drain of empty buffers) costs nothing in the steps where
+    no replica of the batch needs it. It calls :func:`skip_unless` again, so nested vmaps (points x
+    replicas in a sweep) branch on the whole batch. Unbatched ``consts`` stay unbatched (a shared
+    table is not copied per replica)."""
+
+    @jax.custom_batching.custom_vmap
+    def run(pred, consts, state):
+        return jax.lax.cond(pred, fn, lambda c, s: s, consts, state)
+
+    @run.def_vmap
+    def run_batched(axis_size, in_batched, pred, consts, state):
+        pred_batched, consts_batched, state_batched = in_batched
+        state = jax.tree_util.tree_map(
+            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x)), state, state_batched)
+        axes = jax.tree_util.tree_map(lambda b: 0 if b else None, consts_batched)
+        out = skip_unless(jnp.any(pred) if pred_batched else pred, jax.vmap(fn, in_axes=(axes, 0)), consts, state)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return run(pred, consts, state)

@@ -146,8 +146,8 @@ def _in_system_jobs(state, r, num_classes):
     out = []
     q, qc = np.asarray(state.queue_job[r]), np.arange(num_classes)[:, None] * np.ones_like(np.asarray(state.queue_job[r]))
     out += list(zip(qc[q >= 0], q[q >= 0]))
-    b = np.asarray(state.buffers_job[r])
-    bc = np.broadcast_to(np.arange(num_classes)[None, :, None], b.shape)
+    b = np.asarray(state.buffers_job[r])  # rows b x I + c
+    bc = np.broadcast_to((np.arange(b.shape[0]) % num_classes)[:, None], b.shape)
     out += list(zip(bc[b >= 0], b[b >= 0]))
     g = state.gpus
     pj, pc = np.asarray(g.prefill_job[r]), np.asarray(g.prefill_class[r])
