@@ -31,7 +31,9 @@ asked again after each admission, so a gate that held slots back can release sev
 frees at most one decode slot, so one pass over the buffers suffices; a replica for which an action
 is still possible afterwards is flagged ``DECISIONS_INCOMPLETE`` (and every step checks capacity,
 flagging ``CAPACITY_VIOLATED``) rather than trusted. Updates are masked rather than branched: under
-``vmap`` a ``lax.cond`` runs both sides anyway.
+``vmap`` a ``lax.cond`` runs both sides anyway; the rare ones that cost O(room) or O(n) (an
+abandonment's shift of a room, a drain of a buffer) branch once on the whole batch instead
+(:func:`jaxq.sim.lockstep.skip_unless`).
 """
 
 

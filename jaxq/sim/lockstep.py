@@ -1,4 +1,5 @@
-"""A while loop that batches without selecting its carry.
+"""A while loop that batches without selecting its carry, and a branch that batches without running
+its update for every replica (:func:`skip_unless`).
 
 ``jax.vmap`` of ``lax.while_loop`` with a per-replica predicate runs until every replica is done and,
 at every iteration, keeps each finished replica's carry with a select over every carry leaf: a full

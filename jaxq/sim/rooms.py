@@ -4,7 +4,8 @@ Each class's room (the prefill queue, and each decode buffer) is a ring: ``start
 oldest entry and the count is stored, so the live entries are cells start, start + 1, ... (mod width),
 oldest first, and reading a head is O(1). Entries arrive in time order, so a push writes the cell after
 the newest and taking the head advances ``start``: both O(1). Only an abandonment (a uniformly chosen
-entry) moves cells: the newer entries shift one cell toward the head, a masked pass over the room.
+entry) moves cells: the newer entries shift one cell toward the head, a masked pass over the room
+(batched, it runs only in the steps where some replica of the batch abandons: ``skip_unless``).
 Cells past the count hold +inf (a state holds no stale values).
 
 The entry times serve one purpose: FCFS *across* classes (which class's head is oldest). With one class
