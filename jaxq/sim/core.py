@@ -38,7 +38,6 @@ abandonment's shift of a room, a drain of a buffer) branch once on the whole bat
 
 
 import abc
-import functools
 
 import equinox as eqx
 from equinox import AbstractVar
@@ -344,11 +343,6 @@ def count_one(state, row, cls, post, do):
                        (_bump(state.counts, row, cls, do & post), _bump(state.totals, row, cls, do)))
 
 
-def _drain_one(b, consts, state):
-    engine, key, params, post, live = consts
-    return engine.drain_one(key, params, state, post, live, b)
-
-
 class EventEngine(AbstractEngine):
     """The exact event-by-event engine over a given cluster (see the module docstring)."""
 
@@ -476,10 +470,13 @@ class EventEngine(AbstractEngine):
         for b in range(self.policy.num_buffers):
             k_b = key if b == 0 else jax.random.fold_in(key, b)
             waiting = live & jnp.any(state.q_d[b] > 0)
-            state = skip_unless(waiting, functools.partial(_drain_one, b), (self, k_b, params, post, live), state)
+            # (the engine travels in the branch's arguments, as in advance: a replay's tables are data)
+            state = skip_unless(waiting, lambda a, s, b=b: a[0].drain_one(a[1], a[2], s, a[3], a[4], b),
+                                (self, k_b, params, post, live), state)
         return state
 
     def drain_one(self, key, params, state, post, live, b):
+        """Buffer ``b``'s head takes a free decode slot if the router places it (``b``: a Python int)."""
         router = self.policy.router
         v = self.view(params, state)
         cls = router.buffer_head(v, b)

@@ -21,6 +21,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _batched(tree, batched, axis_size):
+    """``tree`` with its unbatched leaves broadcast along a new leading axis of ``axis_size``."""
+    return jax.tree_util.tree_map(
+        lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x)), tree, batched)
+
+
 def lockstep_while(cond, body, args, state):
     """``lax.while_loop(lambda s: cond(args, s), lambda s: body(args, s), state)``.
 
@@ -35,8 +41,7 @@ def lockstep_while(cond, body, args, state):
     @loop.def_vmap
     def loop_batched(axis_size, in_batched, args, state):
         args_batched, state_batched = in_batched
-        state = jax.tree_util.tree_map(
-            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x)), state, state_batched)
+        state = _batched(state, state_batched, axis_size)
         axes = jax.tree_util.tree_map(lambda b: 0 if b else None, args_batched)
         vcond = jax.vmap(cond, in_axes=(axes, 0))
         vbody = jax.vmap(body, in_axes=(axes, 0))
@@ -69,8 +74,7 @@ def skip_unless(pred, fn, consts, state):
     @run.def_vmap
     def run_batched(axis_size, in_batched, pred, consts, state):
         pred_batched, consts_batched, state_batched = in_batched
-        state = jax.tree_util.tree_map(
-            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x)), state, state_batched)
+        state = _batched(state, state_batched, axis_size)
         axes = jax.tree_util.tree_map(lambda b: 0 if b else None, consts_batched)
         out = skip_unless(jnp.any(pred) if pred_batched else pred, jax.vmap(fn, in_axes=(axes, 0)), consts, state)
         return out, jax.tree_util.tree_map(lambda _: True, out)
