@@ -134,5 +134,9 @@ def race(key, counts):
     """Pseudo head times for rooms kept as counts: class c's head is an exponential with rate its count
     (+inf when empty), so the oldest head is a class drawn in proportion to its waiting jobs. Consumes
     ``key``."""
-    u = jax.random.uniform(key, counts.shape)
+    return race_from(jax.random.uniform(key, counts.shape), counts)
+
+
+def race_from(u, counts):
+    """:func:`race` from its uniforms ``u`` (drawn as ``race`` draws them, when made ahead)."""
     return jnp.where(counts > 0, -jnp.log(u) / jnp.maximum(counts, 1), jnp.inf)

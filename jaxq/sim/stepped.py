@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ..policies.bulk import allocate, count_draw, per_class, race
+from ..policies.bulk import allocate, count_draw, per_class, race_from
 from ..policies.protocol import ADMIT, DRAIN, ROUTE, Bulk, Policy
 from ..policies.view import MIXED, View
 from .core import AbstractEngine, Rows, capacity_flags, count, slots
@@ -166,6 +166,18 @@ def _per_class(cls, mask, num):
 
 
 _TRACKED = 32  # per class, prefill completions per step whose finishing times are drawn
+# Admissions per step whose random draws are made before the admission loop, in one batch: inside the
+# loop each draw is a PRNG hash, a loop of its own on CPU, run once per admission for the whole batch
+# (measured: the two of the slot times were 14% of a canonical GG-SP step at n = 500). Later admissions
+# of a step (rare: a step frees this many slots only under heavy load) draw theirs in a second loop.
+_DRAWN_AHEAD = 64
+
+
+def _race_uniforms(key, buffers_shape):
+    """The uniforms of :func:`jaxq.policies.bulk.race` for the waiting room and the buffers, from one
+    decision's key (split in two, as the View has always drawn them)."""
+    k_queue, k_buffers = jax.random.split(key)
+    return jax.random.uniform(k_queue, buffers_shape[1:]), jax.random.uniform(k_buffers, buffers_shape)
 
 
 class _Uniforms:
@@ -238,16 +250,17 @@ class SteppedEngine(AbstractEngine):
         free, idle = slots(params.model.B.astype(_I32), state.group, state.prefill_class, ndec)
         return free, idle, ndec
 
-    def view(self, key, params, state, X=None, q_p=None) -> View:
+    def view(self, key, params, state, X=None, q_p=None, race_uniforms=None) -> View:
         """The View of the state now (``X``, ``q_p``: the aggregates a decision should see instead).
-        Rooms are counts: their head times are a race from ``key`` (see the module docstring)."""
+        Rooms are counts: their head times are a race from ``key`` (see the module docstring), or from
+        ``race_uniforms`` = :func:`_race_uniforms` (key), drawn beforehand."""
         free, idle, _ = self._caps(params, state)
         X = _per_class(state.prefill_class, state.prefill_class >= 0, self.spec.num_classes) if X is None else X
         q_p = state.q_p if q_p is None else q_p
-        k_queue, k_buffers = jax.random.split(key)
+        u_queue, u_buffers = _race_uniforms(key, state.q_d.shape) if race_uniforms is None else race_uniforms
         return View(n=self.spec.num_gpus, B=params.model.B, group=state.group, prefill_class=state.prefill_class,
                     decodes=state.decodes.T, free_decode=free, idle_prefill=idle, X=X, q_p=q_p,
-                    queue_head=race(k_queue, q_p), q_d=state.q_d, buffer_head=race(k_buffers, state.q_d))
+                    queue_head=race_from(u_queue, q_p), q_d=state.q_d, buffer_head=race_from(u_buffers, state.q_d))
 
     # -- decisions in bulk --------------------------------------------------------------------------
     def apply(self, state, bulk: Bulk, post):
@@ -291,46 +304,73 @@ class SteppedEngine(AbstractEngine):
         # beyond the tracked ones) get uniform order statistics.
         freeing = _per_class(finished, idle & (finished >= 0), num)
         from_completion = jnp.arange(_TRACKED)[None, :] < jnp.minimum(freeing, done_cls)[:, None]
-        completion_times = jnp.sort(jnp.where(from_completion, taus, jnp.inf).ravel())
+        completion_times = jnp.where(from_completion, taus, jnp.inf).ravel()
         from_completions = jnp.sum(from_completion, dtype=_I32)
+        slot_index = jnp.arange(completion_times.shape[0], dtype=_I32)
 
-        def advance(k, t):
+        def next_completion(last):
+            """The completion time after ``last`` = (time, index) in ascending (time, index) order: the
+            loop takes them in turn, which gives jnp.sort's order without a sort (XLA:CPU's sort of
+            these 64 entries cost more than a tenth of a step)."""
+            last_t, last_i = last
+            after = (completion_times > last_t) | ((completion_times == last_t) & (slot_index > last_i))
+            t = jnp.min(jnp.where(after, completion_times, jnp.inf))
+            return t, jnp.min(jnp.where(after & (completion_times == t), slot_index, completion_times.shape[0]))
+
+        def draws(k):
+            """The random inputs of admission k: its slot time's uniform, the race of its view, the
+            gate's key (each from its own fold of ``key``, as drawn one by one)."""
+            return (jax.random.uniform(jax.random.fold_in(key, k + 2**21), dtype=dtype),
+                    _race_uniforms(jax.random.fold_in(key, k), state.q_d.shape), jax.random.fold_in(key, k + 2**20))
+
+        ahead = jax.vmap(draws)(jnp.arange(_DRAWN_AHEAD, dtype=_I32))
+
+        def advance(k, t, last, drawn_k):
             """Time of slot k: 0 for the slots idle since the start, then the slots freed during the
-            step in the order they freed."""
-            u = jax.random.uniform(jax.random.fold_in(key, k + 2**21), dtype=dtype)
+            step in the order they freed (``last``: the completion the previous slot took)."""
+            u = drawn_k[0]
             j = k - idle_at_start
             remaining = jnp.maximum(freed - j, 1).astype(dtype)
             drawn = 1.0 - (1.0 - t) * u ** (1.0 / remaining)
-            at_completion = jnp.maximum(completion_times[jnp.clip(j, 0, completion_times.shape[0] - 1)], t)
-            return jnp.where(j < 0, t, jnp.where(j < from_completions, at_completion, drawn))
+            takes = (j >= 0) & (j < from_completions)
+            taken = next_completion(last)
+            last = (jnp.where(takes, taken[0], last[0]), jnp.where(takes, taken[1], last[1]))
+            t = jnp.where(j < 0, t, jnp.where(takes, jnp.maximum(taken[0], t), drawn))
+            return t, last
 
-        def pick(X, q_p, k, t):
-            v = self.view(jax.random.fold_in(key, k), params, state, X=X + running(t), q_p=q_p)
-            return admission.gate(jax.random.fold_in(key, k + 2**20), v, params.targets)
+        def pick(X, q_p, t, drawn_k):
+            v = self.view(None, params, state, X=X + running(t), q_p=q_p, race_uniforms=drawn_k[1])
+            return admission.gate(drawn_k[2], v, params.targets)
 
         # the carry holds the gate's next choice, so that each admission calls the gate once (the loop
         # condition only reads it)
         def cond(carry):
-            _, q_p, _, k, _, c, _ = carry
+            _, q_p, _, k, _, _, c, _ = carry
             return (k < slots_now) & (c >= 0) & (q_p[jnp.maximum(c, 0)] > 0)
 
-        def body(carry):
-            X, q_p, adm, k, t, c, order = carry
+        def body(carry, drawn):
+            X, q_p, adm, k, t, last, c, order = carry
             one = (jnp.arange(num) == c).astype(_I32)
             if order is not None:
                 order = order.at[k].set(c)
             X, q_p, k = X + one, q_p - one, k + 1
-            t = advance(k, t)
-            return X, q_p, adm + one, k, t, pick(X, q_p, k, t), order
+            drawn_k = drawn(k)
+            t, last = advance(k, t, last, drawn_k)
+            return X, q_p, adm + one, k, t, last, pick(X, q_p, t, drawn_k), order
 
         zeros = jnp.zeros((num,), _I32)
-        t0 = advance(jnp.int32(0), jnp.zeros((), dtype))
-        c0 = pick(X0, state.q_p, jnp.int32(0), t0)
+        first = jax.tree_util.tree_map(lambda a: a[0], ahead)
+        t0, last0 = advance(jnp.int32(0), jnp.zeros((), dtype), (jnp.asarray(-1.0, dtype), jnp.int32(-1)), first)
+        c0 = pick(X0, state.q_p, t0, first)
         # the gate's order, only for a placement that reads it: under vmap the loop copies its whole
         # carry every iteration, and an (n,) record would make each admission O(n)
         by_count = admission.places_by_count
-        init = (X0, state.q_p, zeros, jnp.int32(0), t0, c0, None if by_count else jnp.full((n,), -1, _I32))
-        _, q_p, adm, _, _, _, order = jax.lax.while_loop(cond, body, init)
+        init = (X0, state.q_p, zeros, jnp.int32(0), t0, last0, c0, None if by_count else jnp.full((n,), -1, _I32))
+        # the first _DRAWN_AHEAD admissions read the draws made ahead; any later ones draw their own
+        early = jax.lax.while_loop(
+            lambda c: cond(c) & (c[3] + 1 < _DRAWN_AHEAD),
+            lambda c: body(c, lambda k: jax.tree_util.tree_map(lambda a: a[k], ahead)), init)
+        _, q_p, adm, _, _, _, _, order = jax.lax.while_loop(cond, lambda c: body(c, draws), early)
         k_place, view = jax.random.fold_in(key, 2**23), self.view(key, params, state)
         if by_count:
             got = admission.place_counts(k_place, view, params.targets, adm)
