@@ -103,14 +103,17 @@ def count_draw(u, mean, count=None):
     more than everything else these few draws feed. Here: inverse CDF over the first 64 terms when the
     mean is at most 25 (the mass beyond them is below 1e-11), and a rounded normal with the same mean
     and variance above (where the step's counts are sums of many small contributions)."""
-    # the pmf by its term ratios pmf(k+1)/pmf(k) (a running product, no transcendental per term)
-    shape = (1,) * mean.ndim + (_INVERSION_TERMS - 1,)
-    ks = np.arange(_INVERSION_TERMS - 1).reshape(shape)
-    inv = jnp.asarray(1.0 / (ks + 1.0), mean.dtype)
+    # the pmf by its term ratios pmf(k)/pmf(k-1) (a running product, no transcendental per term), the
+    # first ratio set to 1 rather than a 1 concatenated in front: XLA:CPU emits a concatenate of
+    # computed values as a loop that branches per element, which made these draws twice as costly
+    shape = (1,) * mean.ndim + (_INVERSION_TERMS,)
+    ks = np.arange(_INVERSION_TERMS).reshape(shape)
+    inv = jnp.asarray(1.0 / np.maximum(ks, 1), mean.dtype)  # 1/k (k >= 1)
+    lead = jnp.asarray(ks == 0)
     m = mean[..., None]
     if count is None:
         first = jnp.exp(-mean)
-        ratio = m * inv
+        ratio = jnp.where(lead, 1.0, m * inv)
         var = mean
         cap = jnp.full(mean.shape, jnp.inf, mean.dtype)
     else:
@@ -118,10 +121,11 @@ def count_draw(u, mean, count=None):
         p = jnp.clip(mean / jnp.maximum(q, 1.0), 0.0, 1.0)
         p_ = jnp.minimum(p, 1.0 - 1e-12)
         first = jnp.exp(q * jnp.log1p(-p_))
-        ratio = jnp.maximum(q[..., None] - jnp.asarray(ks, mean.dtype), 0.0) * inv * (p_ / (1.0 - p_))[..., None]
+        odds = (p_ / (1.0 - p_))[..., None]
+        ratio = jnp.where(lead, 1.0, jnp.maximum(q[..., None] - jnp.asarray(ks - 1, mean.dtype), 0.0) * inv * odds)
         var = mean * (1.0 - p)
         cap = q
-    pmf = first[..., None] * jnp.concatenate([jnp.ones_like(m), jnp.cumprod(ratio, axis=-1)], axis=-1)
+    pmf = first[..., None] * jnp.cumprod(ratio, axis=-1)
     cdf = jnp.cumsum(pmf, axis=-1)
     small = jnp.sum(u[..., None] > cdf, axis=-1).astype(mean.dtype)
     z = jax.scipy.special.ndtri(jnp.clip(u, 1e-12, 1 - 1e-12))
