@@ -89,7 +89,13 @@ def place(u, blocks, free, masks, rooms=None, offsets=None):
                + jnp.maximum(jnp.minimum(hi_slot + room, hi) - jnp.maximum(lo_slot + room, lo), 0))
         out.append(jnp.where(inside, got, 0).astype(_I32))
         lo_g = hi_g
-    return jnp.stack(out)
+    # rows by a select over the class index, not jnp.stack (a concatenate of computed rows is a
+    # per-element branching loop on XLA:CPU)
+    row = jnp.arange(num)[:, None]
+    placed = out[num - 1][None, :]
+    for c in range(num - 2, -1, -1):
+        placed = jnp.where(row == c, out[c][None, :], placed)
+    return placed
 
 
 _INVERSION_TERMS = 64
