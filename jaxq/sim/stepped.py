@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ..policies.bulk import allocate, count_draw, per_class, race_from
+from ..policies.bulk import allocate, count_draw, per_class, race_from, stack_rows
 from ..policies.protocol import ADMIT, DRAIN, ROUTE, Bulk, Policy
 from ..policies.view import MIXED, View
 from .core import AbstractEngine, Rows, capacity_flags, count, slots
@@ -146,13 +146,7 @@ def _decode_completions(u, decodes, slow, p_slow, p_fast):
         chosen = many & (resid >= acc) & (resid < acc + weight[c]) if c < num - 1 else many & (resid >= acc)
         k[c] = jnp.minimum(k[c] + 2 * chosen.astype(_I32), decodes[c])
         acc = acc + weight[c]
-    # rows by a select over the class index, not jnp.stack: XLA:CPU emits a concatenate of computed
-    # rows as a loop that branches per element (it cost ~1.3 us per replica more at n = 500)
-    row = jnp.arange(num)[:, None]
-    out = k[num - 1][None, :]
-    for c in range(num - 2, -1, -1):
-        out = jnp.where(row == c, k[c][None, :], out)
-    return out
+    return stack_rows(k)
 
 
 def _two_uniforms(key, n, dtype):

@@ -102,6 +102,7 @@ def test_admissions_beyond_the_draws_made_ahead(monkeypatch, name):
     fold of the step key), so shrinking the ahead batch to 1 (every admission then runs in the second
     loop; fi-wsp's FCFS gate reads the race drawn for each admission, gg-sp's occupancy gate does not)
     leaves every accumulator bit-identical."""
+    from jaxq.sim.state import ADMITTED
     from jaxq.testing.fingerprints import FIELDS, fingerprint
 
     want = fingerprint("stepped", name)
@@ -109,8 +110,6 @@ def test_admissions_beyond_the_draws_made_ahead(monkeypatch, name):
     jax.clear_caches()
     got = fingerprint("stepped", name)
     jax.clear_caches()
-    from jaxq.sim.state import ADMITTED
-
     assert np.all(want["counts"][:, ADMITTED].sum(axis=-1) > 0)  # admissions happened
     for field in FIELDS:
         np.testing.assert_array_equal(got[field], want[field], err_msg=field)
